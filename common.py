@@ -1,0 +1,634 @@
+"""Shared core of every method script: what must be done identically for comparisons to be fair.
+
+Sections: DISTRIBUTED, MODEL, DATA, FUSED LOSS, JUDGES AND EVALUATION, CHECKPOINTS AND LOGGING.
+Nothing here is method-specific: a method changes the per-token objective handed to
+`fused_linear_cross_entropy`, the training targets, or the gradients, inside its own script.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+
+
+class UsageError(ValueError):
+    """Bad input or flags: scripts print the message (naming the file, line, field or flag) and exit 2."""
+WORLD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world")
+
+
+# ============================================================ DISTRIBUTED
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+
+
+def setup_distributed(device: str = "auto") -> Runtime:
+    """Read torchrun's environment; init gloo on CPU, nccl on GPU. Single process needs no torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return Runtime(rank, local_rank, world, dev, rank == 0)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class LossModule(torch.nn.Module):
+    """Wraps model + loss function so DDP/FSDP hooks see the whole step (the loss reads lm_head's weight
+    directly, outside lm_head.forward). `loss_fn(model, batch)` returns (summed loss, metrics dict)."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def wrap_model(model, loss_fn, rt: Runtime, fsdp: bool = False):
+    """DDP by default, FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True."""
+    module = LossModule(model, loss_fn)
+    if rt.world_size == 1 and not fsdp:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.get_decoder().layers:
+            fully_shard(layer)
+        return fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def unsharded(wrapped):
+    """FSDP2: gather the root's parameters (embeddings, final norm, LM head) for calls that bypass the
+    root's forward, such as generation; the layers gather their own. A no-op otherwise."""
+    if hasattr(wrapped, "unshard"):
+        wrapped.unshard()
+        yield
+        wrapped.reshard()
+    else:
+        yield
+
+
+def gradient_sync(wrapped, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+# ============================================================ MODEL
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_code: bool = False):
+    """Model and tokenizer by hub id or local directory (safetensors only)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers.utils.logging.disable_progress_bar()
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise UsageError(f"--model {path!r}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path!r} could not be loaded as a local directory or hub id "
+                           f"(safetensors weights, config and tokenizer needed): {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise UsageError(f"--model {path!r}: the tokenizer has no chat template; use an instruct model")
+    return model.to(device), tokenizer
+
+
+# ============================================================ DATA
+def read_records(source: str, split: str = "train") -> list:
+    """Rows of a local .jsonl/.json/.parquet file, or of a hub dataset (`id` or `id:config`)."""
+    if source.endswith(".jsonl"):
+        if not os.path.isfile(source):
+            raise UsageError(f"{source}: no such file")
+        rows = []
+        with open(source) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{source}:{line_no}: malformed JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{source}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    if source.endswith(".json"):
+        with open(source) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{source}:{err.lineno}: malformed JSON ({err.msg})") from None
+        return data["data"] if isinstance(data, dict) and "data" in data else data
+    import datasets
+    if source.endswith(".parquet"):
+        return list(datasets.load_dataset("parquet", data_files=source, split="train"))
+    name, _, config = source.partition(":")
+    return list(datasets.load_dataset(name, config or None, split=split))
+
+
+# Each adapter maps a public schema to chat messages, a task name (picks the judge) and a reference.
+SCHEMAS = {
+    "messages": ("messages",),
+    "gsm8k": ("question", "answer"),
+    "mbpp": ("text", "code", "test_list"),
+    "squad": ("context", "question", "answers"),
+    "prompt_response": ("prompt", "response"),
+}
+
+
+def to_example(row: dict, where: str) -> dict:
+    """{"messages": [...ending with the assistant target], "task": judge name, "reference": for the judge}."""
+    keys = set(row)
+    if "messages" in keys:
+        msgs = row["messages"]
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise UsageError(f"{where}: 'messages' must end with an assistant turn")
+        return {"messages": msgs, "task": row.get("task", "exact"), "reference": row.get("reference", msgs[-1]["content"])}
+    if {"question", "answer"} <= keys:
+        final = row["answer"].split("####")[-1].strip()
+        return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}],
+                "task": "math", "reference": final}
+    if {"text", "code", "test_list"} <= keys:
+        prompt = row["text"] + "\nYour code should pass these tests:\n" + "\n".join(row["test_list"])
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["code"]}],
+                "task": "code", "reference": row["test_list"]}
+    if {"context", "question", "answers"} <= keys:
+        texts = row["answers"]["text"]
+        prompt = f"{row['context']}\n\nQuestion: {row['question']}"
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": texts[0] if texts else ""}],
+                "task": "rc", "reference": list(texts)}
+    if {"prompt", "response"} <= keys or {"prompt", "completion"} <= keys:
+        response = row.get("response", row.get("completion"))
+        return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}],
+                "task": row.get("task", "exact"), "reference": row.get("reference", response)}
+    expected = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in SCHEMAS.items())
+    raise UsageError(f"{where}: unknown schema. Found fields {sorted(keys)}; expected one of [{expected}]")
+
+
+def tokenize_example(tokenizer, messages: list, max_length: int, overlong: str):
+    """input_ids and labels (-100 outside the final assistant turn), or (None, reason) when skipped."""
+    if not str(messages[-1]["content"]).strip():
+        return None, "empty"
+    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        raise UsageError("chat template: the prompt is not a prefix of the full conversation")
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    if len(full_ids) > max_length:
+        if overlong == "drop" or len(prompt_ids) >= max_length:
+            return None, "dropped"
+        full_ids, labels = full_ids[:max_length], labels[:max_length]
+        return (full_ids, labels), "truncated"
+    return (full_ids, labels), "ok"
+
+
+def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "truncate", split: str = "train",
+                  limit: int = 0) -> tuple:
+    """Read, adapt, tokenize. Returns (examples, stats); skips are counted, never silent."""
+    if overlong not in ("truncate", "drop"):
+        raise UsageError(f"--overlong must be 'truncate' or 'drop', got {overlong!r}")
+    rows = read_records(source, split)
+    if limit:
+        rows = rows[:limit]
+    examples, stats = [], {"rows": len(rows), "ok": 0, "truncated": 0, "dropped": 0, "empty": 0}
+    for i, row in enumerate(rows):
+        ex = to_example(row, f"{source}:{i + 1}")
+        tokens, status = tokenize_example(tokenizer, ex["messages"], max_length, overlong)
+        stats[status] += 1
+        if tokens is not None:
+            ex["input_ids"], ex["labels"] = tokens
+            examples.append(ex)
+    if not examples:
+        raise UsageError(f"{source}: no usable samples ({stats})")
+    return examples, stats
+
+
+def batch_schedule(lengths: list, batch_size: int, steps: int, seed: int, group: int = 64) -> list:
+    """Global batches of sample indices for every step, independent of world size and micro-batching.
+    Each epoch: shuffle, sort windows of `group` batches by length, cut into batches, shuffle batches."""
+    rng, schedule, n = np.random.default_rng(seed), [], len(lengths)
+    if n < batch_size:
+        raise UsageError(f"--batch_size {batch_size} exceeds the {n} training samples")
+    while len(schedule) < steps:
+        order = rng.permutation(n)[: n - n % batch_size]
+        window = group * batch_size
+        batches = []
+        for s in range(0, len(order), window):
+            chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
+            batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        schedule += [batches[i] for i in rng.permutation(len(batches))]
+    return schedule[:steps]
+
+
+def collate(examples: list, indices, pad_id: int, device) -> dict:
+    """Right-padded batch; `targets[t]` is the label predicted at position t (already shifted)."""
+    longest = max(len(examples[i]["input_ids"]) for i in indices)
+    ids = torch.full((len(indices), longest), pad_id, dtype=torch.long)
+    targets = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(indices), longest), dtype=torch.long)
+    for row, i in enumerate(indices):
+        x, y = examples[i]["input_ids"], examples[i]["labels"]
+        ids[row, :len(x)] = torch.tensor(x)
+        targets[row, :len(y) - 1] = torch.tensor(y[1:])
+        mask[row, :len(x)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "targets": targets.to(device)}
+
+
+def micro_batches(global_batch: list, rt: Runtime, micro_batch_size: int) -> list:
+    """This rank's share of a global batch, cut into micro-batches of similar length."""
+    mine = sorted(global_batch)[rt.rank::rt.world_size]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+# ============================================================ FUSED LOSS
+def label_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits[i, labels[i]] through a one-hot mask, so its gradient fuses into one pointwise kernel."""
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.where(columns == labels[:, None], logits, 0.0).sum(-1)
+
+
+def cross_entropy_objective(logits, labels, weights):
+    """Weighted token cross-entropy: loss_i = -w_i * log softmax(z_i)[y_i]. Returns (loss_i, log p(y_i)).
+
+    Contract for every objective (methods pass their own): fp32 logits [C, V], labels [C], weights [C],
+    then the chunk's rows of each `token_inputs` tensor and the `constants`; returns per-token loss
+    (zero where weight is zero), the label's log-probability, and optional extra per-token metrics."""
+    logp = label_logit(logits, labels) - logits.logsumexp(-1)
+    return -weights.to(logp.dtype) * logp, logp
+
+
+def _chunk_step(objective, logits, labels, weights, *inputs):
+    """Per-chunk loss and gradient: overwrites `logits` with d(sum of losses)/d(logits)."""
+    def total(z):
+        out = objective(z.to(torch.promote_types(z.dtype, torch.float32)), labels, weights, *inputs)
+        return out[0].sum(), tuple(o.detach() for o in out)
+    dz, out = torch.func.grad(total, has_aux=True)(logits)
+    logits.copy_(dz)
+    return out
+
+
+_COMPILED = {}
+
+
+def _chunk_fn(objective, compile: bool):
+    if not compile:
+        return lambda *a: _chunk_step(objective, *a)
+    if objective not in _COMPILED:
+        _COMPILED[objective] = torch.compile(lambda *a: _chunk_step(objective, *a), dynamic=False)
+    return _COMPILED[objective]
+
+
+def _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, compile, need_dh, need_dw, inputs, constants):
+    """Chunked pass over the compacted rows: loss and label log-prob per row, dh and dW (fp32) for loss.sum()."""
+    n, vocab = h.shape[0], weight.shape[0]
+    fn = _chunk_fn(objective, compile)
+    dh = torch.empty_like(h) if need_dh else None
+    accumulate = torch.promote_types(weight.dtype, torch.float32)  # fp32 (or fp64) dW whatever the weight dtype
+    dw = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_dw else None
+    buffer = torch.empty(min(chunk_size, n), vocab, dtype=h.dtype, device=h.device)
+    outs = []
+    if n == 0:  # all tokens ignored: one empty eager step gives correctly shaped (empty) outputs
+        fn = _chunk_fn(objective, False)
+    for s in range(0, max(n, 1), chunk_size):
+        e = min(s + chunk_size, n)
+        logits = buffer[: e - s]
+        torch.mm(h[s:e], weight.t(), out=logits)
+        args = [logits, labels[s:e], weights[s:e]] + [t[s:e] for t in inputs]
+        if compile:
+            for t in args:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        outs.append(fn(*args, *constants))  # logits now holds dlogits
+        if need_dh:
+            torch.mm(logits, weight, out=dh[s:e])
+        if need_dw:
+            if dw.dtype == h.dtype:
+                dw.addmm_(logits.t(), h[s:e])
+            else:
+                dw += torch.mm(logits.t(), h[s:e])
+    return [torch.cat(parts) for parts in zip(*outs)], dh, dw
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Gradient-in-forward: forward computes dh and dW chunk by chunk, backward only scales them.
+    A second backward (retain_graph) recomputes instead of reusing the consumed buffers."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, index, labels, weights, objective, chunk_size, compile, inputs, constants):
+        need_dh, need_dw = hidden.requires_grad, weight.requires_grad
+        h = hidden.index_select(0, index)
+        per_token, dh, dw = _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, compile,
+                                                  need_dh, need_dw, inputs, constants)
+        ctx.save_for_backward(h, weight, index, labels, weights, *inputs, *constants)
+        ctx.meta = (objective, chunk_size, compile, len(inputs), hidden.shape, need_dh, need_dw)
+        ctx.grads = (dh, dw)
+        full = []
+        for t in per_token:  # scatter back to all N positions (0 at ignored ones)
+            out = torch.zeros(hidden.shape[0], dtype=t.dtype, device=t.device)
+            full.append(out.index_copy_(0, index, t))
+        ctx.mark_non_differentiable(*full)
+        return (per_token[0].sum(), *full[1:])
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        h, weight, index, labels, weights, *rest = ctx.saved_tensors
+        objective, chunk_size, compile, n_inputs, shape, need_dh, need_dw = ctx.meta
+        dh, dw = ctx.grads
+        if dh is None and dw is None:  # already consumed by an earlier backward: recompute
+            _, dh, dw = _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, compile,
+                                              need_dh, need_dw, rest[:n_inputs], rest[n_inputs:])
+        ctx.grads = (None, None)
+        grad_hidden = grad_weight = None
+        if need_dh:
+            grad_hidden = torch.zeros(shape, dtype=dh.dtype, device=dh.device).index_copy_(0, index, dh * grad_loss.to(dh.dtype))
+        if need_dw:
+            grad_weight = dw.mul_(grad_loss).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def default_chunk_size(vocab: int, dtype: torch.dtype, budget_mib: int = 64) -> int:
+    """Rows per chunk so one [rows x vocab] logits buffer fits the budget (a multiple of 16, >= 16)."""
+    rows = budget_mib * 2**20 // (vocab * torch.finfo(dtype).bits // 8)
+    return max(16, rows // 16 * 16)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, weights=None, *, objective=cross_entropy_objective,
+                               token_inputs=(), constants=(), chunk_size=None, compile=True):
+    """Summed linear + cross-entropy loss without materialising the [tokens x vocab] logits.
+
+    hidden [..., H], weight [V, H] (the LM head), labels [...] with -100 = ignored, dropped before the
+    projection. `weights` are optional per-token loss weights (no gradient). `objective` replaces the
+    per-token loss (see `cross_entropy_objective` for its contract); `token_inputs` are per-token tensors
+    [..., *] handed to it chunk by chunk, `constants` whole. Returns (summed loss, log p(label) per token,
+    *extra per-token outputs), per-token outputs shaped like labels and 0 at ignored positions.
+    The caller normalises the summed loss (see `normalized_loss`)."""
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
+    if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shapes: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    flat_labels = labels.reshape(-1)
+    index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if weights is None:
+        weights = torch.ones(flat_labels.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=labels.device)
+    gathered = [t.reshape(flat_labels.shape[0], *t.shape[labels.dim():]).index_select(0, index) for t in token_inputs]
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], weight.dtype)
+    outs = FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, index, flat_labels[index],
+                                         weights.reshape(-1)[index], objective, chunk_size, compile,
+                                         tuple(gathered), tuple(constants))
+    return (outs[0], *[o.view(labels.shape) for o in outs[1:]])
+
+
+def count_loss_tokens(batches: list) -> torch.Tensor:
+    """Global number of loss tokens in this step across micro-batches and ranks (one all-reduce)."""
+    local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+    return all_reduce_sum(torch.tensor(float(local), device=batches[0]["targets"].device))
+
+
+def normalized_loss(loss_sum: torch.Tensor, global_tokens: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Summed micro-batch loss -> its share of the global token mean. DDP/FSDP average gradients over
+    ranks, hence the world_size factor; the result is identical for any micro x accumulation x ranks."""
+    return loss_sum * (world_size / global_tokens.clamp(min=1))
+
+
+# ============================================================ JUDGES AND EVALUATION
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def extract_number(text: str):
+    """Final answer of a GSM8K-style response: after the last '####', else the last number in the text."""
+    tail = text.split("####")[-1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    try:
+        return float(found[0 if "####" in text else -1].replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def judge_math(response: str, reference) -> tuple:
+    """(passed, reason): final-number match."""
+    got, want = extract_number(response), extract_number(str(reference))
+    if got is None:
+        return False, "no number in response"
+    return (abs(got - want) < 1e-6, f"got {got:g}, want {want:g}")
+
+
+def normalize_answer(text: str) -> str:
+    text = re.sub(r"\b(a|an|the)\b", " ", re.sub(r"[^\w\s]", "", text.lower()))
+    return " ".join(text.split())
+
+
+def judge_exact(response: str, reference) -> tuple:
+    """(passed, reason): normalised exact match against the reference or any of a list of references."""
+    refs = reference if isinstance(reference, list) else [reference]
+    ok = any(normalize_answer(response) == normalize_answer(str(r)) for r in refs)
+    return ok, "exact match" if ok else "mismatch"
+
+
+JUDGES = {"math": judge_math, "exact": judge_exact, "rc": judge_exact, "code": judge_exact}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0,
+             batch_size: int = 32, seed: int = 0, synced: bool = False) -> list:
+    """Batched generation with the KV cache (left-padded). temperature 0 = greedy, else plain sampling."""
+    from transformers import GenerationConfig
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+                              top_k=None, top_p=None, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    outputs = []
+    device = next(model.parameters()).device
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, generation_config=config, synced_gpus=synced)
+        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tokenizer.padding_side = side
+    model.train(was_training)
+    return outputs
+
+
+def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tokens: int = 64,
+                      temperature: float = 0.0, batch_size: int = 32, synced: bool = False) -> dict:
+    """Generate for each prompt (sharded over ranks) and score with the task's judge."""
+    mine = examples[rt.rank::rt.world_size]
+    responses = generate(model, tokenizer, [e["messages"][:-1] for e in mine], max_new_tokens, temperature,
+                         batch_size, seed=rt.rank, synced=synced)
+    passed = sum(JUDGES[e["task"]](r, e["reference"])[0] for e, r in zip(mine, responses))
+    counts = all_reduce_sum(torch.tensor([float(passed), float(len(mine))]))
+    return {"accuracy": counts[0].item() / max(counts[1].item(), 1), "n": int(counts[1].item())}
+
+
+@torch.no_grad()
+def evaluate_loss(loss_model, examples: list, rt: Runtime, pad_id: int, batch_size: int = 16) -> dict:
+    """Token-mean loss and perplexity of the wrapped training loss on held-out samples."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    total = torch.zeros(2, device=rt.device)
+    for s in range(0, len(order), batch_size * rt.world_size):
+        mine = order[s:s + batch_size * rt.world_size][rt.rank::rt.world_size] or order[:1]
+        batch = collate(examples, mine, pad_id, rt.device)
+        loss_sum, _ = loss_model(batch)
+        weight = 1.0 if order[s:s + batch_size * rt.world_size][rt.rank::rt.world_size] else 0.0
+        total += torch.stack([loss_sum.float() * weight, (batch["targets"] != IGNORE_INDEX).sum().float() * weight])
+    all_reduce_sum(total)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+# ============================================================ CHECKPOINTS AND LOGGING
+def _full_state(model, optimizer, fsdp: bool):
+    """Full (unsharded) model and optimizer state dicts; optimizer None gives None."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
+
+
+def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, scheduler=None, state=None, fsdp=False):
+    """Hugging Face model dir (+ trainer state when an optimizer is given), written to a temporary
+    directory and renamed into place, so a kill at any moment leaves either the old or the new one."""
+    model_state, optim_state = _full_state(model, optimizer, fsdp)
+    tmp = f"{path}.tmp"
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if optimizer is not None:
+            torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "state": state},
+                       os.path.join(tmp, "trainer_state.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if optimizer is not None:
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rt.rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rt.is_main:
+        old = f"{path}.old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_checkpoint(output_dir: str):
+    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=False) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved loop state."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        raise UsageError(f"--resume {path!r}: not a training checkpoint (no trainer_state.pt)")
+    weights = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(path, name)))
+    saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=saved["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(weights, strict=False)  # tied weights are saved once
+        optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{rt.rank}.pt")
+    if os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return saved["state"]
+
+
+class MetricsLogger:
+    """One line per step on stdout (rank 0) and one JSON object per line in <output_dir>/metrics.jsonl."""
+
+    def __init__(self, output_dir: str, rt: Runtime, total_steps: int, resume: bool = False):
+        self.rt, self.total, self.start = rt, total_steps, time.time()
+        self.file = None
+        if rt.is_main:
+            os.makedirs(output_dir, exist_ok=True)
+            self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a" if resume else "w")
+
+    def log(self, record: dict):
+        if not self.rt.is_main:
+            return
+        record = {"time": round(time.time() - self.start, 3), **record}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if record.get("event") == "config":
+            print(f"run: {record.get('output_dir')} | processes {record.get('world_size')} | metrics.jsonl has the full config", flush=True)
+        elif "step" in record and "loss" in record:
+            step = record["step"]
+            eta = record.get("eta_s", 0)
+            extra = " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("method/"))
+            print(f"step {step}/{self.total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
+                  f"eta {int(eta) // 60}m{int(eta) % 60:02d}s" + (f" | {extra}" if extra else ""), flush=True)
+        else:
+            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)

@@ -1,0 +1,199 @@
+"""Supervised fine-tuning (SFT): the baseline and the parent of every method script in this repo.
+
+Method: minimise the mean cross-entropy of the response tokens given the prompt, normalised by the
+global count of loss tokens; the logits are never materialised (common.fused_linear_cross_entropy).
+Every other script is this file plus its method: `diff sft.py s3ft.py` shows it.
+
+Usage:
+    python sft.py                                   # embedded world: tiny Llama, generated math, ~3 min on 2 CPU cores
+    torchrun --nproc_per_node 2 sft.py              # same result, 2 processes (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
+        --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
+    python sft.py --resume auto                     # continue the last checkpoint in --output_dir exactly
+"""
+import dataclasses
+import os
+import time
+
+import torch
+from transformers import HfArgumentParser
+
+import common
+from common import IGNORE_INDEX, print0
+
+
+@dataclasses.dataclass
+class Args:
+    # COMMON: the same block in every script
+    model: str = os.path.join(common.WORLD_DIR, "base")
+    """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
+    dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
+    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    eval_datasets: str = (f"math={os.path.join(common.WORLD_DIR, 'data', 'math', 'test.jsonl')},"
+                          f"reverse={os.path.join(common.WORLD_DIR, 'data', 'reverse', 'test.jsonl')}")
+    """comma-separated name=source pairs scored by the task judges; the first is the target task"""
+    eval_split: str = "test"
+    """split of hub eval datasets"""
+    output_dir: str = "runs/sft"
+    """where checkpoints, the final model and metrics.jsonl go"""
+    seed: int = 0
+    """seed of data order, sampling and evaluation"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (parameters and compute)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    max_length: int = 512
+    """tokens per sample (prompt + response)"""
+    overlong: str = "truncate"
+    """what to do with samples over max_length: truncate | drop (both counted and reported)"""
+    steps: int = 150
+    """optimizer steps"""
+    batch_size: int = 16
+    """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
+    micro_batch_size: int = 0
+    """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
+    warmup_ratio: float = 0.05
+    """fraction of steps of linear warm-up, then cosine decay to 10%"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    chunk_size: int = 0
+    """tokens per chunk of the fused loss; 0 = sized for a 64 MiB logits buffer"""
+    compile: bool = True
+    """compile the fused loss's per-chunk function with torch.compile"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    save_every: int = 50
+    """checkpoint every N steps (0 = only the final model)"""
+    resume: str = ""
+    """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
+    eval_samples: int = 100
+    """prompts per eval dataset (0 = all)"""
+    eval_before: bool = True
+    """also evaluate the starting model"""
+    max_new_tokens: int = 48
+    """generation budget per eval answer"""
+    eval_batch_size: int = 50
+    """prompts per generation batch"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off unless asked)"""
+
+
+# COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
+def compute_loss(model, batch, args):
+    """Summed token cross-entropy of a micro-batch; the caller normalises by the global token count."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    loss_sum, logp = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
+                                                       chunk_size=args.chunk_size or None, compile=args.compile)
+    return loss_sum, {}
+
+
+def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
+    """Judge accuracy on every eval set plus held-out loss on the target set."""
+    results = {"step": step}
+    if not eval_sets:
+        return results
+    with common.unsharded(loss_model):
+        for name, examples in eval_sets.items():
+            acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
+                                           batch_size=args.eval_batch_size, synced=args.fsdp)
+            results[f"eval/{name}/accuracy"] = acc["accuracy"]
+    target = next(iter(eval_sets))
+    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
+    return results
+
+
+def main(args):
+    # COMMON: seed, distributed
+    rt = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)  # identical init on every rank
+
+    # COMMON: model and tokenizer
+    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model.config.use_cache = False
+
+    # COMMON: data
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
+    eval_sets = {}
+    for pair in filter(None, args.eval_datasets.split(",")):
+        name, _, source = pair.partition("=")
+        if not source:
+            raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        eval_sets[name] = examples[: args.eval_samples or None]
+    micro = args.micro_batch_size or args.batch_size // rt.world_size
+    if args.batch_size % (micro * rt.world_size):
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
+                         f"x {rt.world_size} processes")
+    schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+
+    # COMMON: optimizer and schedule
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(args.warmup_ratio * args.steps))
+    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    start_step, resume = 0, args.resume
+    if resume == "auto":
+        resume = common.latest_checkpoint(args.output_dir) or ""
+    if resume:
+        start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
+        print0(f"resumed from {resume} at step {start_step}")
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
+    if args.eval_before and not resume:
+        logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
+
+    # COMMON: training loop
+    loss_model.train()
+    t_start, tokens_seen = time.time(), 0
+    for step in range(start_step, args.steps):
+        t0 = time.time()
+        batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
+                   for ids in common.micro_batches(schedule[step], rt, micro)]
+        global_tokens = common.count_loss_tokens(batches)
+        loss_total, padded, real = torch.zeros((), device=rt.device), 0, 0
+        for i, batch in enumerate(batches):
+            with common.gradient_sync(loss_model, sync=i == len(batches) - 1):
+                loss_sum, metrics = loss_model(batch)
+                common.normalized_loss(loss_sum, global_tokens, rt.world_size).backward()
+            loss_total += loss_sum.detach()
+            padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # COMMON: logging (the logged loss is the optimised loss: global token mean)
+        stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
+        tokens_seen += stats_t[1].item()
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
+                    "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
+                    **{f"method/{k}": v for k, v in metrics.items()}})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
+                                   optimizer, scheduler, {"step": step + 1}, args.fsdp)
+
+    # COMMON: evaluate and save
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
+    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen})
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    print0(f"saved {os.path.join(args.output_dir, 'final')}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    except common.UsageError as err:
+        raise SystemExit(f"error: {err}") from None
