@@ -5,7 +5,7 @@ global count of loss tokens; the logits are never materialised (common.fused_lin
 Every other script is this file plus its method: `diff sft.py s3ft.py` shows it.
 
 Usage:
-    python sft.py                                   # embedded world: tiny Llama, generated math, ~3 min on 2 CPU cores
+    python sft.py                                   # embedded world: tiny Llama, generated math, ~4 min on 2 CPU cores
     torchrun --nproc_per_node 2 sft.py              # same result, 2 processes (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
         --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
@@ -46,9 +46,9 @@ class Args:
     """tokens per sample (prompt + response)"""
     overlong: str = "truncate"
     """what to do with samples over max_length: truncate | drop (both counted and reported)"""
-    steps: int = 150
+    steps: int = 600
     """optimizer steps"""
-    batch_size: int = 16
+    batch_size: int = 32
     """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
     micro_batch_size: int = 0
     """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
@@ -128,7 +128,7 @@ def main(args):
         eval_sets[name] = examples[: args.eval_samples or None]
     micro = args.micro_batch_size or args.batch_size // rt.world_size
     if args.batch_size % (micro * rt.world_size):
-        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
+        raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
 
@@ -165,6 +165,7 @@ def main(args):
             loss_total += loss_sum.detach()
             padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,7 +175,7 @@ def main(args):
         tokens_seen += stats_t[1].item()
         dt = time.time() - t0
         elapsed = time.time() - t_start
-        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": scheduler.get_last_lr()[0],
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),

@@ -1,0 +1,118 @@
+"""Data loading, schema adapters, masking, batching, judges: values and clear errors."""
+import json
+import os
+
+import pytest
+
+import common
+from common import IGNORE_INDEX, UsageError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return common.load_model(os.path.join(common.WORLD_DIR, "base"))[1]
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+ROWS = {
+    "gsm8k": {"question": "Ana has 3 pens. She gets 2 more. How many?", "answer": "3 + 2 = 5\n#### 5"},
+    "mbpp": {"task_id": 1, "text": "Write add(a, b).", "code": "def add(a, b):\n    return a + b",
+             "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]},
+    "squad": {"id": "x", "context": "The sky is blue.", "question": "What colour is the sky?",
+              "answers": {"text": ["blue"], "answer_start": [11]}},
+    "prompt_response": {"prompt": "Say hi", "response": "hi"},
+    "messages": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                              {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+}
+
+
+@pytest.mark.parametrize("schema", sorted(ROWS))
+def test_schemas_mask_everything_but_the_response(tmp_path, tokenizer, schema):
+    examples, stats = common.load_sft_data(write(tmp_path, [ROWS[schema]]), tokenizer, 512)
+    ex = examples[0]
+    response = ex["messages"][-1]["content"]
+    trained = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(trained).startswith(response) and stats["ok"] == 1
+    first = ex["labels"].index(trained[0])
+    assert tokenizer.decode(ex["input_ids"][:first]).endswith("<|im_start|>assistant\n")
+    assert ex["task"] == {"gsm8k": "math", "mbpp": "code", "squad": "rc"}.get(schema, "exact")
+
+
+def test_parquet_and_json_load_like_jsonl(tmp_path, tokenizer):
+    import datasets
+    rows = [ROWS["gsm8k"]] * 3
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    a = common.load_sft_data(str(tmp_path / "d.parquet"), tokenizer, 512)[0]
+    b = common.load_sft_data(str(tmp_path / "d.json"), tokenizer, 512)[0]
+    assert [e["input_ids"] for e in a] == [e["input_ids"] for e in b] and len(a) == 3
+
+
+def test_malformed_line_names_file_and_line(tmp_path, tokenizer):
+    path = write(tmp_path, [ROWS["gsm8k"], '{"question": "broken', ROWS["gsm8k"]])
+    with pytest.raises(UsageError, match=r"d\.jsonl:2: malformed JSON"):
+        common.load_sft_data(path, tokenizer, 512)
+
+
+def test_missing_field_lists_expected_and_found(tmp_path, tokenizer):
+    path = write(tmp_path, [ROWS["gsm8k"], {"question": "no answer here"}])
+    with pytest.raises(UsageError, match=r"d\.jsonl:2: unknown schema. Found fields \['question'\]; expected .*gsm8k: question, answer"):
+        common.load_sft_data(path, tokenizer, 512)
+
+
+def test_empty_and_overlong_samples_are_counted(tmp_path, tokenizer):
+    long = {"prompt": "x", "response": "word " * 200}
+    rows = [ROWS["prompt_response"], {"prompt": "p", "response": "  "}, long]
+    path = write(tmp_path, rows)
+    ex, stats = common.load_sft_data(path, tokenizer, 64, "truncate")
+    assert stats == {"rows": 3, "ok": 1, "truncated": 1, "dropped": 0, "empty": 1} and len(ex[1]["input_ids"]) == 64
+    ex, stats = common.load_sft_data(path, tokenizer, 64, "drop")
+    assert stats == {"rows": 3, "ok": 1, "truncated": 0, "dropped": 1, "empty": 1} and len(ex) == 1
+    with pytest.raises(UsageError, match="no usable samples"):
+        common.load_sft_data(write(tmp_path, [rows[1]], "e.jsonl"), tokenizer, 64)
+    with pytest.raises(UsageError, match="--overlong"):
+        common.load_sft_data(path, tokenizer, 64, "cut")
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="no such directory"):
+        common.load_model(str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="could not be loaded"):
+        common.load_model(str(tmp_path))  # exists, but holds no model
+
+
+def test_schedule_is_deterministic_grouped_and_independent_of_world_size():
+    lengths = [((i * 37) % 101) + 5 for i in range(400)]
+    a = common.batch_schedule(lengths, 8, 120, seed=3)
+    assert a == common.batch_schedule(lengths, 8, 120, seed=3) != common.batch_schedule(lengths, 8, 120, seed=4)
+    assert len(a) == 120 and all(len(b) == 8 for b in a)
+    assert sorted(i for b in a[:50] for i in b) == list(range(400))  # one epoch = each sample once
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) / len(a)
+    assert spread < 10  # length grouping: a random batch spreads ~75 tokens
+    rt = [common.Runtime(r, r, 2, None, r == 0) for r in range(2)]
+    shards = [common.micro_batches(a[0], r, 2) for r in rt]
+    assert sorted(i for s in shards for mb in s for i in mb) == sorted(a[0])
+
+
+def test_collate_shifts_labels_and_pads(tokenizer):
+    examples = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [9, 10], "labels": [-100, 10]}]
+    b = common.collate(examples, [0, 1], tokenizer.pad_token_id, "cpu")
+    assert b["targets"].tolist() == [[-100, 7, 8, -100], [10, -100, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("response,reference,ok", [
+    ("3 + 2 = 5\n#### 5", "5", True), ("so the answer is 1,200.", "1200", True), ("#### 7 apples, not 5", "7", True),
+    ("#### 6", "5", False), ("", "5", False), ("no number", "5", False), ("#### -3.5", "-3.5", True)])
+def test_math_judge(response, reference, ok):
+    passed, reason = common.judge_math(response, reference)
+    assert passed == ok and reason
+
+
+def test_exact_judge_normalises():
+    assert common.judge_exact("The Blue!", ["blue"])[0] and not common.judge_exact("red", ["blue"])[0]
