@@ -1,0 +1,181 @@
+"""Benchmarks: ratios measured side by side in one run (never timed tests).
+
+    python benchmark.py loss     # fused loss vs naive / torch's chunked F.linear_cross_entropy / Cut Cross-Entropy
+    python benchmark.py train    # sft.py tokens/s vs TRL SFTTrainer, same model, data and batch
+    python benchmark.py loss --shapes 2048x256x32000 --reps 3
+
+Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
+median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
+RSS high-water mark during one measured call (reset through /proc/self/clear_refs) minus the RSS before it, so
+it counts everything the call allocates, including the gradients dX and dW ("floor" = their bytes).
+Optional peers, installed only for this script: `pip install cut-cross-entropy trl`.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+IMPLS = ["naive", "torch_chunked", "cce_torch_compile", "ours", "ours_eager"]
+
+
+def rss_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+
+
+def loss_worker(impl, n, h, v, reps, threads):
+    """Runs inside the subprocess: prints one JSON line with the measurements of `impl`."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    sys.path.insert(0, ROOT)
+    import common
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, h, generator=g) / h**0.5).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * 0.02).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    if impl == "naive":
+        fn = lambda: F.cross_entropy((x @ w.t()).float(), y)
+    elif impl == "torch_chunked":
+        fn = lambda: F.linear_cross_entropy(x, w, y, options=torch.nn.LinearCrossEntropyOptions())
+    elif impl == "cce_torch_compile":
+        from cut_cross_entropy import linear_cross_entropy
+        fn = lambda: linear_cross_entropy(x, w, y, impl="torch_compile")
+    elif impl.startswith("ours"):  # ours, ours_eager, ours:<chunk rows>
+        chunk = int(impl.split(":")[1]) if ":" in impl else None
+        fn = lambda: common.fused_linear_cross_entropy(x, w, y, chunk_size=chunk, compile=impl != "ours_eager")[0] / n
+    t0 = time.perf_counter()
+    fn().backward()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for rep in range(reps):
+        x.grad = w.grad = None
+        if rep == 0:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = rss_mib("VmRSS")
+        t0 = time.perf_counter()
+        fn().backward()
+        times.append(time.perf_counter() - t0)
+        if rep == 0:
+            peak = rss_mib("VmHWM") - before
+    floor = (x.numel() + w.numel()) * 4 / 2**20
+    print(json.dumps({"impl": impl, "time_s": statistics.median(times), "min_s": min(times), "peak_mib": peak,
+                      "floor_mib": floor, "first_call_s": compile_s}))
+
+
+def bench_loss(args):
+    for shape in args.shapes:
+        n, h, v = map(int, shape.split("x"))
+        rows = {}
+        for impl in args.impls:
+            cmd = [sys.executable, __file__, "_loss_worker", impl, str(n), str(h), str(v), str(args.reps), str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"  {impl}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
+                continue
+            rows[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  measured {impl} at {shape}: {rows[impl]}", flush=True)
+        base = rows.get("naive")
+        print(f"\n(N, H, V) = ({n}, {h}, {v}) fp32, fwd+bwd, {args.threads} threads, median of {args.reps}; "
+              f"floor (dX + dW) = {next(iter(rows.values()))['floor_mib']:.0f} MiB")
+        print("| implementation | time (s) | time / naive | peak extra (MiB) | memory / naive | first call (s) |")
+        print("|---|---|---|---|---|---|")
+        for impl, r in rows.items():
+            rt = f"{r['time_s'] / base['time_s']:.2f}x" if base else "-"
+            rm = f"{r['peak_mib'] / base['peak_mib']:.3f}x" if base else "-"
+            print(f"| {impl} | {r['time_s']:.2f} | {rt} | {r['peak_mib']:.0f} | {rm} | {r['first_call_s']:.1f} |")
+        print(flush=True)
+
+
+def sft_tokens_per_s(out, args):
+    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--output_dir", out, "--steps", str(args.steps),
+           "--batch_size", str(args.batch_size), "--eval_datasets", "", "--save_every", "0"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    steady = steps[args.warmup:]
+    dt = steady[-1]["time"] - steps[args.warmup - 1]["time"]  # step-end times, as TRL's callback measures
+    return {"tokens_per_s": sum(r["tokens"] for r in steady) / dt, "wall_s": dt}
+
+
+def trl_tokens_per_s(out, args, gradient_checkpointing):
+    """TRL SFTTrainer on the same model, data (as chat messages, completion-only loss) and batch size."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    sys.path.insert(0, ROOT)
+    import common
+    torch.set_num_threads(args.threads)
+    rows = [common.to_example(r, "")["messages"] for r in common.read_records(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl"))]
+    data = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
+    marks, counted = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            marks.append(time.perf_counter())
+
+    config = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-3,
+                       logging_steps=1000, save_strategy="no", report_to=[], gradient_checkpointing=gradient_checkpointing,
+                       use_cpu=True, bf16=False, dataloader_num_workers=0,  # fp32 like sft.py (TRL defaults to bf16 autocast)
+                       max_length=512, seed=0, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Clock()])
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        counted.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
+        return batch
+    trainer.data_collator = counting
+    trainer.train()
+    k = args.warmup
+    return {"tokens_per_s": sum(counted[k:len(marks)]) / (marks[-1] - marks[k - 1]), "wall_s": marks[-1] - marks[k - 1]}
+
+
+def bench_train(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = sft_tokens_per_s(os.path.join(tmp, "ours"), args)
+        print(f"sft.py: {ours}", flush=True)
+        rows = [("sft.py (this repo)", ours["tokens_per_s"])]
+        for gc in (True, False):
+            try:
+                r = trl_tokens_per_s(os.path.join(tmp, f"trl{gc}"), args, gc)
+            except ImportError as err:
+                print(f"TRL not installed ({err}); pip install trl")
+                break
+            print(f"TRL gradient_checkpointing={gc}: {r}", flush=True)
+            rows.append((f"TRL SFTTrainer (gradient_checkpointing={gc})", r["tokens_per_s"]))
+    print(f"\nTraining throughput, embedded world, batch {args.batch_size}, steps {args.warmup + 1}-{args.steps}, "
+          f"{args.threads} threads (tokens = non-padding input tokens)")
+    print("| trainer | tokens/s | sft.py / this |")
+    print("|---|---|---|")
+    for name, tps in rows:
+        print(f"| {name} | {tps:.0f} | {rows[0][1] / tps:.2f}x |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_loss_worker":
+        impl, n, h, v, reps, threads = sys.argv[2:8]
+        loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["loss", "train"])
+    parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
+    parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40, help="train: optimizer steps per trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="train: steps excluded from the rate")
+    parser.add_argument("--batch_size", type=int, default=16)
+    a = parser.parse_args()
+    bench_loss(a) if a.what == "loss" else bench_train(a)
