@@ -77,7 +77,9 @@ def bench_loss(args):
         rows = {}
         for impl in args.impls:
             cmd = [sys.executable, __file__, "_loss_worker", impl, str(n), str(h), str(v), str(args.reps), str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            # glibc: return freed memory to the OS, so the RSS high-water mark sees every allocation
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(f"  {impl}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
                 continue

@@ -61,7 +61,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping norm (0 = off)"""
     chunk_size: int = 0
-    """tokens per chunk of the fused loss; 0 = sized for a 64 MiB logits buffer"""
+    """tokens per chunk of the fused loss; 0 = sized for a 150 MiB logits buffer"""
     compile: bool = True
     """compile the fused loss's per-chunk function with torch.compile"""
     fsdp: bool = False
