@@ -468,6 +468,25 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def token_f1(response: str, reference: str) -> float:
+    """SQuAD token F1 between normalised answers."""
+    got, want = normalize_answer(response).split(), normalize_answer(reference).split()
+    common_count = sum(min(got.count(t), want.count(t)) for t in set(got))
+    if not got or not want:
+        return float(got == want)
+    if common_count == 0:
+        return 0.0
+    precision, recall = common_count / len(got), common_count / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def judge_rc(response: str, reference) -> tuple:
+    """(passed, reason): reading comprehension; passed = SQuAD exact match with any gold answer, F1 in the reason."""
+    refs = reference if isinstance(reference, list) else [reference]
+    exact = any(normalize_answer(response) == normalize_answer(str(r)) for r in refs)
+    return exact, f"exact {int(exact)}, f1 {max(token_f1(response, str(r)) for r in refs):.2f}"
+
+
 def judge_exact(response: str, reference) -> tuple:
     """(passed, reason): normalised exact match against the reference or any of a list of references."""
     refs = reference if isinstance(reference, list) else [reference]
@@ -576,7 +595,7 @@ def judge_code(response: str, reference) -> tuple:
     return run_sandboxed(code + "\n\n" + "\n".join(reference))
 
 
-JUDGES = {"math": judge_math, "exact": judge_exact, "rc": judge_exact, "code": judge_code}
+JUDGES = {"math": judge_math, "exact": judge_exact, "rc": judge_rc, "code": judge_code}
 
 
 @torch.no_grad()

@@ -96,14 +96,14 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
     results = {"step": step}
     if not eval_sets:
         return results
+    target = next(iter(eval_sets))  # loss first: FSDP must run the root's forward before anything else
+    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
     with common.unsharded(loss_model):
         for name, examples in eval_sets.items():
             acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
                                            batch_size=args.eval_batch_size, synced=args.fsdp)
             results[f"eval/{name}/accuracy"] = acc["accuracy"]
-    target = next(iter(eval_sets))
-    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
-    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
     return results
 
 

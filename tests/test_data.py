@@ -116,3 +116,10 @@ def test_math_judge(response, reference, ok):
 
 def test_exact_judge_normalises():
     assert common.judge_exact("The Blue!", ["blue"])[0] and not common.judge_exact("red", ["blue"])[0]
+
+
+def test_rc_judge_exact_match_and_f1():
+    assert common.judge_rc("the Eiffel Tower.", ["Eiffel Tower", "tower"]) == (True, "exact 1, f1 1.00")
+    passed, reason = common.judge_rc("Eiffel", ["Eiffel Tower"])
+    assert not passed and reason == "exact 0, f1 0.67"
+    assert common.token_f1("", "") == 1.0 and common.token_f1("red", "") == 0.0 and common.token_f1("a b", "c") == 0.0

@@ -122,3 +122,13 @@ def test_bad_flags_fail_clearly_without_output(tmp_path, flags, message):
     proc = run(tmp_path / "out", *flags, check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_fsdp2_two_processes_match_and_resume(reference, tmp_path):
+    """FSDP2 (fully_shard, gloo on CPU): same losses and weights as one process; resuming its sharded
+    checkpoint reproduces its weights exactly."""
+    run(tmp_path / "fsdp", "--fsdp", "--save_every", "3", nproc=2)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(reference), abs=1e-5)
+    assert_same_weights(reference / "final", tmp_path / "fsdp" / "final", atol=1e-5)
+    run(tmp_path / "resumed", "--fsdp", "--resume", str(tmp_path / "fsdp" / "checkpoint-3"), nproc=2)
+    assert_same_weights(tmp_path / "fsdp" / "final", tmp_path / "resumed" / "final", atol=0)
