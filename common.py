@@ -36,6 +36,21 @@ class Runtime:
     is_main: bool
 
 
+def parse_args(args_class):
+    """Parse the command line into a script's `Args` dataclass (HfArgumentParser), with each field's
+    docstring (the string literal under it) as its --help text."""
+    import ast
+    import inspect
+    import types
+    from transformers import HfArgumentParser
+    body = ast.parse(inspect.getsource(args_class)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    for f in dataclasses.fields(args_class):
+        f.metadata = types.MappingProxyType({**f.metadata, "help": docs.get(f.name, "").replace("%", "%%")})
+    return HfArgumentParser(args_class).parse_args_into_dataclasses()[0]
+
+
 def setup_distributed(device: str = "auto") -> Runtime:
     """Read torchrun's environment; init gloo on CPU, nccl on GPU. Single process needs no torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

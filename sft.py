@@ -16,10 +16,9 @@ import os
 import time
 
 import torch
-from transformers import HfArgumentParser
 
 import common
-from common import IGNORE_INDEX, print0
+from common import print0
 
 
 @dataclasses.dataclass
@@ -195,6 +194,6 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+        main(common.parse_args(Args))
     except common.UsageError as err:
         raise SystemExit(f"error: {err}") from None

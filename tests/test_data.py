@@ -123,3 +123,13 @@ def test_rc_judge_exact_match_and_f1():
     passed, reason = common.judge_rc("Eiffel", ["Eiffel Tower"])
     assert not passed and reason == "exact 0, f1 0.67"
     assert common.token_f1("", "") == 1.0 and common.token_f1("red", "") == 0.0 and common.token_f1("a b", "c") == 0.0
+
+
+def test_every_sft_flag_has_help_and_parses(monkeypatch):
+    import dataclasses
+
+    import sft
+    monkeypatch.setattr("sys.argv", ["sft.py", "--steps", "3", "--no_compile"])
+    args = common.parse_args(sft.Args)
+    assert args.steps == 3 and args.compile is False
+    assert all(f.metadata["help"] for f in dataclasses.fields(sft.Args))
