@@ -671,7 +671,11 @@ def _full_state(model, optimizer, fsdp: bool):
         return model.state_dict(), optimizer.state_dict() if optimizer else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
+    seen, tied = set(), []  # tied weights (embeddings = LM head) are gathered as copies: keep one, like save_pretrained
+    for name, param in model.named_parameters(remove_duplicate=False):
+        (tied.append(name) if id(param) in seen else seen.add(id(param)))
+    state = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in tied}
+    return (state,
             get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
 
 
