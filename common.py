@@ -710,10 +710,22 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
         dist.barrier()
 
 
+def checkpoint_steps(output_dir: str) -> list:
+    """Steps of the complete checkpoints in output_dir, ascending (temporary directories excluded)."""
+    found = [re.fullmatch(r"checkpoint-(\d+)", d) for d in os.listdir(output_dir)] if os.path.isdir(output_dir) else []
+    return sorted(int(m.group(1)) for m in found if m)
+
+
 def latest_checkpoint(output_dir: str):
-    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))] \
-        if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    steps = checkpoint_steps(output_dir)
+    return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+def prune_checkpoints(output_dir: str, keep: int, rt: Runtime):
+    """Delete all but the newest `keep` checkpoints (0 keeps all)."""
+    if rt.is_main and keep:
+        for step in checkpoint_steps(output_dir)[:-keep]:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=False) -> dict:

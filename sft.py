@@ -67,6 +67,8 @@ class Args:
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
+    keep_checkpoints: int = 2
+    """keep the newest N checkpoints (0 = all)"""
     resume: str = ""
     """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
     eval_samples: int = 100
@@ -182,6 +184,7 @@ def main(args):
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
+            common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
 
     # COMMON: evaluate and save
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)

@@ -87,6 +87,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
     assert_same_weights(tmp_path / "whole" / "final", out / "final", atol=0)
     assert losses(tmp_path / "whole")[-5:] == losses(out)[-5:]
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-36", "checkpoint-38"]  # newest 2 kept
 
 
 def test_final_model_round_trips_through_from_pretrained(tmp_path):
