@@ -5,7 +5,7 @@ global count of loss tokens; the logits are never materialised (common.fused_lin
 Every other script is this file plus its method: `diff sft.py s3ft.py` shows it.
 
 Usage:
-    python sft.py                                   # embedded world: tiny Llama, generated math, ~4 min on 2 CPU cores
+    python sft.py                                   # embedded world: tiny Llama, generated math, ~3 min on 2 CPU cores
     torchrun --nproc_per_node 2 sft.py              # same result, 2 processes (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
         --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
