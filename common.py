@@ -654,11 +654,12 @@ def evaluate_loss(loss_model, examples: list, rt: Runtime, pad_id: int, batch_si
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total = torch.zeros(2, device=rt.device)
     for s in range(0, len(order), batch_size * rt.world_size):
-        mine = order[s:s + batch_size * rt.world_size][rt.rank::rt.world_size] or order[:1]
-        batch = collate(examples, mine, pad_id, rt.device)
+        mine = order[s:s + batch_size * rt.world_size][rt.rank::rt.world_size]
+        # a rank without samples still runs a forward (FSDP collectives), on one sample counted with weight 0
+        batch = collate(examples, mine or order[:1], pad_id, rt.device)
         loss_sum, _ = loss_model(batch)
-        weight = 1.0 if order[s:s + batch_size * rt.world_size][rt.rank::rt.world_size] else 0.0
-        total += torch.stack([loss_sum.float() * weight, (batch["targets"] != IGNORE_INDEX).sum().float() * weight])
+        weight = float(bool(mine))
+        total += weight * torch.stack([loss_sum.float(), (batch["targets"] != IGNORE_INDEX).sum().float()])
     all_reduce_sum(total)
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
