@@ -620,7 +620,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
     from transformers import GenerationConfig
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                               top_k=None, top_p=None, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, use_cache=True)
+                              eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id, use_cache=True)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"

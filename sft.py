@@ -5,7 +5,7 @@ global count of loss tokens; the logits are never materialised (common.fused_lin
 Every other script is this file plus its method: `diff sft.py s3ft.py` shows it.
 
 Usage:
-    python sft.py                                   # embedded world: tiny Llama, generated math, ~3 min on 2 CPU cores
+    python sft.py                                   # embedded world: 3M-parameter Llama, generated math, ~4.5 min on 2 CPU cores
     torchrun --nproc_per_node 2 sft.py              # same result, 2 processes (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
         --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
@@ -28,8 +28,9 @@ class Args:
     """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
     dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
     """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
-    eval_datasets: str = (f"math={os.path.join(common.WORLD_DIR, 'data', 'math', 'test.jsonl')},"
-                          f"reverse={os.path.join(common.WORLD_DIR, 'data', 'reverse', 'test.jsonl')}")
+    eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
+        ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
+        ("knowledge", "knowledge", "test")])
     """comma-separated name=source pairs scored by the task judges; the first is the target task"""
     eval_split: str = "test"
     """split of hub eval datasets"""
@@ -45,13 +46,13 @@ class Args:
     """tokens per sample (prompt + response)"""
     overlong: str = "truncate"
     """what to do with samples over max_length: truncate | drop (both counted and reported)"""
-    steps: int = 600
+    steps: int = 300
     """optimizer steps"""
     batch_size: int = 32
     """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
     micro_batch_size: int = 0
     """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
     warmup_ratio: float = 0.05
     """fraction of steps of linear warm-up, then cosine decay to 10%"""
@@ -75,7 +76,7 @@ class Args:
     """prompts per eval dataset (0 = all)"""
     eval_before: bool = True
     """also evaluate the starting model"""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     """generation budget per eval answer"""
     eval_batch_size: int = 50
     """prompts per generation batch"""

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--steps", "6", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--lr", "3e-3"]
+QUICK = ["--steps", "6", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--lr", "1e-3"]
 # sft.py's first 6 losses on the embedded world with QUICK (recorded with torch 2.13 CPU; a change in the
 # data pipeline, loss, normalisation or optimizer moves them).
-GOLDEN = [6.296886, 5.63336, 5.074345, 4.656425, 4.368113, 4.160677]
+GOLDEN = [0.318173, 0.214918, 0.190686, 0.110975, 0.043838, 0.065957]
 
 
 def run(out, *extra, nproc=1, check=True):
@@ -61,12 +61,13 @@ def test_golden_losses(reference):
 
 
 def test_loss_is_global_token_mean_whatever_the_split(reference, tmp_path):
-    """micro 8 x accumulation 1 == micro 2 x accumulation 4 == 2 processes x micro 4."""
+    """micro 8 x accumulation 1 == micro 2 x accumulation 4 == 2 processes x micro 4 (weights to 5e-5: Adam
+    turns fp32 summation-order noise in near-zero gradients of the pretrained base into ~1e-5 differences)."""
     run(tmp_path / "accum", "--micro_batch_size", "2")
     run(tmp_path / "ddp", nproc=2)
     for other in ("accum", "ddp"):
         assert losses(tmp_path / other) == pytest.approx(losses(reference), abs=1e-5)
-        assert_same_weights(reference / "final", tmp_path / other / "final", atol=1e-5)
+        assert_same_weights(reference / "final", tmp_path / other / "final", atol=5e-5)
     tokens = lambda out: [r["loss_tokens"] for r in records(out) if "loss" in r]
     assert records(tmp_path / "ddp")[0]["world_size"] == 2 and tokens(tmp_path / "ddp") == tokens(reference)
 
@@ -130,6 +131,6 @@ def test_fsdp2_two_processes_match_and_resume(reference, tmp_path):
     checkpoint reproduces its weights exactly."""
     run(tmp_path / "fsdp", "--fsdp", "--save_every", "3", nproc=2)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(reference), abs=1e-5)
-    assert_same_weights(reference / "final", tmp_path / "fsdp" / "final", atol=1e-5)
+    assert_same_weights(reference / "final", tmp_path / "fsdp" / "final", atol=5e-5)
     run(tmp_path / "resumed", "--fsdp", "--resume", str(tmp_path / "fsdp" / "checkpoint-3"), nproc=2)
     assert_same_weights(tmp_path / "fsdp" / "final", tmp_path / "resumed" / "final", atol=0)
