@@ -6,6 +6,7 @@ Nothing here is method-specific: a method changes the per-token objective handed
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(value)
     return value
+
+
+def gather_shards(mine: list, rt: Runtime) -> list:
+    """Inverse of sharding with `items[rank::world_size]`: every rank gets the whole list, in order."""
+    if not dist.is_initialized():
+        return list(mine)
+    shards = [None] * rt.world_size
+    dist.all_gather_object(shards, mine)
+    return [shards[i % rt.world_size][i // rt.world_size] for i in range(sum(len(s) for s in shards))]
 
 
 def seed_everything(seed: int):
@@ -284,8 +294,10 @@ def batch_schedule(lengths: list, batch_size: int, steps: int, seed: int, group:
     return schedule[:steps]
 
 
-def collate(examples: list, indices, pad_id: int, device) -> dict:
-    """Right-padded batch; `targets[t]` is the label predicted at position t (already shifted)."""
+def collate(examples: list, indices, pad_id: int, device, token_keys=()) -> dict:
+    """Right-padded batch; `targets[t]` is the label predicted at position t (already shifted).
+    Each of `token_keys` names a per-position list in the examples (aligned with input_ids, like labels);
+    it is shifted the same way into a float tensor, 0 at padding."""
     longest = max(len(examples[i]["input_ids"]) for i in indices)
     ids = torch.full((len(indices), longest), pad_id, dtype=torch.long)
     targets = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
@@ -295,7 +307,13 @@ def collate(examples: list, indices, pad_id: int, device) -> dict:
         ids[row, :len(x)] = torch.tensor(x)
         targets[row, :len(y) - 1] = torch.tensor(y[1:])
         mask[row, :len(x)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "targets": targets.to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "targets": targets.to(device)}
+    for key in token_keys:
+        values = torch.zeros((len(indices), longest))
+        for row, i in enumerate(indices):
+            values[row, :len(examples[i][key]) - 1] = torch.tensor(examples[i][key][1:], dtype=torch.float)
+        batch[key] = values.to(device)
+    return batch
 
 
 def micro_batches(global_batch: list, rt: Runtime, micro_batch_size: int) -> list:
@@ -615,8 +633,10 @@ JUDGES = {"math": judge_math, "exact": judge_exact, "rc": judge_rc, "code": judg
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0,
-             batch_size: int = 32, seed: int = 0, synced: bool = False) -> list:
-    """Batched generation with the KV cache (left-padded). temperature 0 = greedy, else plain sampling."""
+             batch_size: int = 32, seed: int = 0, synced: bool = False, return_finished: bool = False) -> list:
+    """Batched generation with the KV cache (left-padded). temperature 0 = greedy, else plain sampling.
+    Returns the texts (special tokens removed), or (texts, finished) where finished[i] says the answer
+    ended with an end-of-turn token rather than running out of max_new_tokens."""
     from transformers import GenerationConfig
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
                               top_k=None, top_p=None, pad_token_id=tokenizer.pad_token_id,
@@ -626,15 +646,17 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    outputs = []
+    outputs, finished = [], []
     device = next(model.parameters()).device
+    stops = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
     for s in range(0, len(texts), batch_size):
         enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, generation_config=config, synced_gpus=synced)
-        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**enc, generation_config=config, synced_gpus=synced)[:, enc["input_ids"].shape[1]:]
+        outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
+        finished += torch.isin(out.cpu(), stops).any(1).tolist()
     tokenizer.padding_side = side
     model.train(was_training)
-    return outputs
+    return (outputs, finished) if return_finished else outputs
 
 
 def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tokens: int = 64,
@@ -666,6 +688,26 @@ def evaluate_loss(loss_model, examples: list, rt: Runtime, pad_id: int, batch_si
 
 
 # ============================================================ CHECKPOINTS AND LOGGING
+def content_hash(*parts) -> str:
+    """sha256 of JSON-able parts and modules (their parameters' bytes): the key of cached, rebuilt data."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.nn.Module):
+            for name, tensor in sorted(part.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def write_jsonl(path: str, rows: list):
+    """Write rows atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(f"{path}.tmp", path)
+
 def _full_state(model, optimizer, fsdp: bool):
     """Full (unsharded) model and optimizer state dicts; optimizer None gives None."""
     if not fsdp:
