@@ -3,6 +3,7 @@
     python benchmark.py loss     # fused loss vs naive / torch's chunked F.linear_cross_entropy / Cut Cross-Entropy
     python benchmark.py train    # sft.py tokens/s vs TRL SFTTrainer, same model, data and batch
     python benchmark.py loss --shapes 2048x256x32000 --reps 3
+    python benchmark.py generate # common.generate batched vs one prompt at a time, and the judges' cost per sample
 
 Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
 median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
@@ -165,13 +166,45 @@ def bench_train(args):
         print(f"| {name} | {tps:.0f} | {rows[0][1] / tps:.2f}x |")
 
 
+def bench_generate(args):
+    """What s3ft.py and fait.py spend before training: generation (same prompts, batched vs one at a time,
+    greedy, the same token budget) and judging per sample (math: parsing; code: one sandboxed process)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import common
+    torch.set_num_threads(args.threads)
+    model, tokenizer = common.load_model(os.path.join(common.WORLD_DIR, "base"))
+    rows = {}
+    for task in ("math", "code"):
+        examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", task, "train.jsonl"), tokenizer, 512,
+                                           limit=args.prompts)
+        prompts = [e["messages"][:-1] for e in examples]
+        common.generate(model, tokenizer, prompts[:2], args.max_new_tokens, batch_size=2)  # warm-up
+        rates = {}
+        for batch in (1, args.gen_batch_size):
+            n = args.one_at_a_time if batch == 1 else len(prompts)
+            t0 = time.perf_counter()
+            texts = common.generate(model, tokenizer, prompts[:n], args.max_new_tokens, batch_size=batch)
+            rates[batch] = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for e, t in zip(examples, texts):
+            common.JUDGES[e["task"]](t, e["reference"])
+        rows[task] = (rates[1], rates[args.gen_batch_size], (time.perf_counter() - t0) / len(examples))
+    print(f"\nGeneration on the embedded base (greedy, max_new_tokens {args.max_new_tokens}, {args.threads} threads): "
+          f"{args.one_at_a_time} prompts one at a time vs {args.prompts} in batches of {args.gen_batch_size}")
+    print("| task | one at a time (samples/s) | batched (samples/s) | speed-up | judge (ms/sample) |")
+    print("|---|---|---|---|---|")
+    for task, (one, batched, judge) in rows.items():
+        print(f"| {task} | {one:.2f} | {batched:.1f} | {batched / one:.1f}x | {judge * 1e3:.1f} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_loss_worker":
         impl, n, h, v, reps, threads = sys.argv[2:8]
         loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "train"])
+    parser.add_argument("what", choices=["loss", "train", "generate"])
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
@@ -179,5 +212,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=40, help="train: optimizer steps per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="train: steps excluded from the rate")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=256, help="generate: prompts per task, batched")
+    parser.add_argument("--one_at_a_time", type=int, default=32, help="generate: prompts per task, one at a time")
+    parser.add_argument("--gen_batch_size", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
     a = parser.parse_args()
-    bench_loss(a) if a.what == "loss" else bench_train(a)
+    {"loss": bench_loss, "train": bench_train, "generate": bench_generate}[a.what](a)

@@ -12,7 +12,7 @@ Usage:
         --dtype bfloat16 --lr 1e-5 --max_length 1024 --gen_max_new_tokens 512
     python fait.py --granularity line               # ablations: line | token | both; --weight_schedule constant = static
     python fait.py --resume auto                    # reuses the cached variants (content hash) and the checkpoint
-The variants are in <output_dir>/fait_variants-<hash>.jsonl. Model-generated code runs only in common.run_sandboxed.
+The variants are saved as <cache_dir>/fait_variants-<hash>.jsonl. Model-generated code runs only in common.run_sandboxed.
 """
 import dataclasses
 import difflib
@@ -116,6 +116,10 @@ class Args:
     """token budget per candidate; candidates cut off by it are dropped"""
     gen_batch_size: int = 64
     """prompts per generation batch (KV cache, left padding)"""
+    gen_seed: int = 0
+    """seed of the sampling (apart from --seed, so that training seeds share one generated set)"""
+    cache_dir: str = "runs/cache"
+    """generated data is saved here under a content hash of model, data and settings, and reused by any run"""
 
 
 # METHOD: FAIT error-sensitive segments (Sec. 3.1) and dynamic importance reweighting (Sec. 3.2)
@@ -247,7 +251,7 @@ def find_variants(model, tokenizer, examples: list, args) -> tuple:
         prompts += [corrupt if s == "corrupt" else task for s in sources for _ in range(args.num_samples)]
     t0 = time.time()
     texts, finished = common.generate(model, tokenizer, prompts, args.gen_max_new_tokens, args.gen_temperature,
-                                      args.gen_batch_size, seed=args.seed, return_finished=True)
+                                      args.gen_batch_size, seed=args.gen_seed, return_finished=True)
     timing["generate_s"], timing["generated"] = time.time() - t0, len(prompts)
     per = len(sources) * args.num_samples
     rows = []
@@ -335,10 +339,10 @@ def main(args):
             raise common.UsageError(f"--teacher {args.teacher}: its tokenizer differs from --model {args.model}'s; "
                                     f"use a teacher of the same family")
     settings = {k: getattr(args, k) for k in ("variant_prompts", "corrupt_template", "num_samples", "min_similarity",
-                                              "gen_temperature", "gen_max_new_tokens", "seed")}
+                                              "gen_temperature", "gen_max_new_tokens", "gen_seed")}
     key = common.content_hash(teacher, [[ex["messages"], ex["reference"]] for ex in train], settings)
-    cache = os.path.join(args.output_dir, f"fait_variants-{key[:16]}.jsonl")
-    timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "judged": 0, "cached": os.path.isfile(cache)}
+    cache = os.path.join(args.cache_dir, f"fait_variants-{key[:16]}.jsonl")
+    timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "judged": 0, "cached": os.path.isfile(cache), "file": cache}
     if timing["cached"]:
         print0(f"FAIT: reusing {cache}")
     else:
@@ -362,7 +366,7 @@ def main(args):
                     **{f"method/from_{s}": sum(r["source"] == s for r in found) / len(variants) for s in ("corrupt", "task")},
                     **{f"method/{k}": v for k, v in timing.items()}}
     print0(f"FAIT variants: {len(found)}/{len(variants)} examples | " +
-           " | ".join(f"{k[7:]} {v:.3g}" for k, v in method_stats.items() if not k.endswith(("with_variant", "cached"))))
+           " | ".join(f"{k[7:]} {v:.3g}" for k, v in method_stats.items() if not k.endswith(("with_variant", "cached", "file"))))
     micro = args.micro_batch_size or args.batch_size // rt.world_size
     if args.batch_size % (micro * rt.world_size):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "

@@ -12,7 +12,7 @@ Usage:
         --gen_max_new_tokens 512
     python s3ft.py --own_answers false              # ablation: rewrite every example (SDFT-like, stage 1 off)
     python s3ft.py --resume auto                    # reuses the cached rebuild (content hash) and the checkpoint
-The rebuilt set is <output_dir>/s3ft_data-<hash>.jsonl (a `messages` dataset with each target's source):
+The rebuilt set is saved as <cache_dir>/s3ft_data-<hash>.jsonl (a `messages` dataset with each target's source):
 `python sft.py --dataset` on it trains exactly what this script trains.
 """
 import dataclasses
@@ -94,6 +94,10 @@ class Args:
     """sampling temperature of own answers and rewrites (0 = greedy; the paper does not say)"""
     gen_batch_size: int = 64
     """prompts per generation batch (KV cache, left padding)"""
+    gen_seed: int = 0
+    """seed of the sampling (apart from --seed, so that training seeds share one generated set)"""
+    cache_dir: str = "runs/cache"
+    """generated data is saved here under a content hash of model, data and settings, and reused by any run"""
     own_answers: bool = True
     """stage 1, use the model's own correct answers; false = rewrite every example (SDFT-like ablation)"""
     rewrite_template: str = ("{prompt}\n\nReference answer:\n{reference}\n\n"
@@ -163,7 +167,7 @@ def rebuild(model, tokenizer, examples: list, args) -> tuple:
     def generate(prompts):
         t0 = time.time()
         texts, finished = common.generate(model, tokenizer, prompts, args.gen_max_new_tokens, args.gen_temperature,
-                                          args.gen_batch_size, seed=args.seed, return_finished=True)
+                                          args.gen_batch_size, seed=args.gen_seed, return_finished=True)
         timing["generate_s"] += time.time() - t0
         timing["generated"] += len(prompts)
         return [t.strip() if done else None for t, done in zip(texts, finished)]
@@ -233,10 +237,10 @@ def main(args):
     for i, ex in enumerate(train):
         task_judge(ex["task"], f"{args.dataset}: sample {i + 1}")
     settings = {k: getattr(args, k) for k in ("gen_max_new_tokens", "gen_temperature", "own_answers", "rewrite_template",
-                                              "leak_filter", "seed")}
+                                              "leak_filter", "gen_seed")}
     key = common.content_hash(model, [[ex["messages"], ex["task"], ex["reference"]] for ex in train], settings)
-    cache = os.path.join(args.output_dir, f"s3ft_data-{key[:16]}.jsonl")
-    timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "cached": os.path.isfile(cache)}
+    cache = os.path.join(args.cache_dir, f"s3ft_data-{key[:16]}.jsonl")
+    timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "cached": os.path.isfile(cache), "file": cache}
     if timing["cached"]:
         print0(f"S3FT: reusing {cache}")
     else:
@@ -248,11 +252,18 @@ def main(args):
             common.write_jsonl(cache, rows)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-    sources = [row["source"] for row in common.read_records(cache)]
+    rows = common.read_records(cache)
+    sources = [row["source"] for row in rows]
     method_stats = {f"method/{s}": sources.count(s) / len(sources) for s in ("own", "rewrite", "gold")}
     method_stats.update({f"method/{k}": v for k, v in timing.items()})
     print0(f"S3FT targets: " + " | ".join(f"{s} {sources.count(s)}" for s in ("own", "rewrite", "gold")) +
            f" | {cache}" + ("" if timing["cached"] else f" | generate {timing['generate_s']:.0f}s judge {timing['judge_s']:.0f}s"))
+    # the paper's motivation (Table 1, Fig. 2): where both are correct, the model's own answer is likelier than the gold
+    own = [i for i, row in enumerate(rows) if row["source"] == "own"][:256]
+    likelihood_sets = {"gold": [train[i] for i in own], "own": []}
+    for i in own:
+        ids, labels = common.tokenize_example(tokenizer, rows[i]["messages"], args.max_length, "truncate")[0]
+        likelihood_sets["own"].append({"input_ids": ids, "labels": labels})
     train, stats = common.load_sft_data(cache, tokenizer, args.max_length, args.overlong)
     micro = args.micro_batch_size or args.batch_size // rt.world_size
     if args.batch_size % (micro * rt.world_size):
@@ -275,7 +286,11 @@ def main(args):
     logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
     logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}, **method_stats})
     if args.eval_before and not resume:
-        logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
+        if own:  # METHOD: per-token NLL under the starting model of own vs gold targets, on the same prompts
+            method_stats.update({f"method/nll_{name}": common.evaluate_loss(loss_model, examples, rt, tokenizer.pad_token_id)["loss"]
+                                 for name, examples in likelihood_sets.items()})
+        logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0),
+                    **{k: v for k, v in method_stats.items() if k.startswith("method/nll")}})
 
     # COMMON: training loop
     loss_model.train()

@@ -205,6 +205,8 @@ def test_choose_variant_keeps_the_closest_failing_candidate():
 
 def run(out, *extra, check=True, script="fait.py"):
     cmd = [sys.executable, script, "--output_dir", str(out), *QUICK, *extra]
+    if script == "fait.py" and "--cache_dir" not in extra:
+        cmd += ["--cache_dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     if check:
@@ -221,12 +223,13 @@ def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(
     data = tmp_path / "code16.jsonl"
     with open(CODE) as f:
         data.write_text("".join(next(f) for _ in range(16)))
-    proc = run(tmp_path / "fait", "--dataset", str(data), "--alpha", "0", "--beta", "0", "--num_samples", "2")
+    proc = run(tmp_path / "fait", "--dataset", str(data), "--alpha", "0", "--beta", "0", "--num_samples", "2",
+               "--cache_dir", str(tmp_path / "cache"))
     run(tmp_path / "sft", "--dataset", str(data), script="sft.py")
     assert losses(tmp_path / "fait") == losses(tmp_path / "sft") and len(losses(tmp_path / "sft")) == 3
     assert "FAIT variants:" in proc.stdout
-    cache = [f for f in os.listdir(tmp_path / "fait") if f.startswith("fait_variants-")]
-    rows = common.read_records(str(tmp_path / "fait" / cache[0]))
+    cache = [f for f in os.listdir(tmp_path / "cache") if f.startswith("fait_variants-")]
+    rows = common.read_records(str(tmp_path / "cache" / cache[0]))
     tests = [json.loads(line)["test_list"] for line in data.read_text().splitlines()]
     assert len(rows) == 16 and any(r["variant"] for r in rows)
     for row, test in zip(rows, tests):

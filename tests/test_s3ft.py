@@ -121,23 +121,25 @@ def test_all_gold_rebuild_trains_exactly_like_sft_and_is_cached(tmp_path):
     with open(MATH) as f:
         data.write_text("".join(next(f) for _ in range(16)))
     # a 1-token budget cuts every own answer and rewrite off: all rejected, every target is the gold
-    s3 = run("s3ft.py", tmp_path / "s3ft", "--dataset", str(data), "--gen_max_new_tokens", "1")
+    cache = ["--cache_dir", str(tmp_path / "cache"), "--gen_max_new_tokens", "1"]
+    s3 = run("s3ft.py", tmp_path / "s3ft", "--dataset", str(data), *cache)
     sft = run("sft.py", tmp_path / "sft", "--dataset", str(data))
     s3_losses = [r["loss"] for r in records(tmp_path / "s3ft") if "loss" in r]
     assert s3_losses == [r["loss"] for r in records(tmp_path / "sft") if "loss" in r] and len(s3_losses) == 3
     config = records(tmp_path / "s3ft")[0]
     assert config["method/gold"] == 1.0 and config["method/own"] == 0.0 and config["method/generated"] == 32
     assert "S3FT targets: own 0 | rewrite 0 | gold 16" in s3.stdout and "generate" in s3.stdout and sft.returncode == 0
-    cache = [f for f in os.listdir(tmp_path / "s3ft") if f.startswith("s3ft_data-")]
-    rows = common.read_records(str(tmp_path / "s3ft" / cache[0]))
+    files = os.listdir(tmp_path / "cache")
+    assert config["method/file"] == str(tmp_path / "cache" / files[0]) and files[0].startswith("s3ft_data-")
+    rows = common.read_records(config["method/file"])
     assert len(rows) == 16 and all(r["source"] == "gold" and r["own_verdict"] == "cut off" for r in rows)
-    again = run("s3ft.py", tmp_path / "s3ft", "--dataset", str(data), "--gen_max_new_tokens", "1", "--steps", "1")
-    assert "S3FT: reusing" in again.stdout and records(tmp_path / "s3ft")[0]["method/cached"] is True
+    again = run("s3ft.py", tmp_path / "again", "--dataset", str(data), *cache, "--steps", "1")
+    assert "S3FT: reusing" in again.stdout and records(tmp_path / "again")[0]["method/cached"] is True
 
 
 def test_a_task_without_judge_is_a_clear_error(tmp_path):
     data = tmp_path / "poems.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"poem {i}", "response": "roses", "task": "poetry"}) + "\n"
                             for i in range(8)))
-    proc = run("s3ft.py", tmp_path / "out", "--dataset", str(data), check=False)
+    proc = run("s3ft.py", tmp_path / "out", "--dataset", str(data), "--cache_dir", str(tmp_path), check=False)
     assert proc.returncode != 0 and "sample 1: task 'poetry' has no judge" in proc.stderr + proc.stdout
