@@ -259,12 +259,14 @@ def find_variants(model, tokenizer, examples: list, args) -> tuple:
         correct = code_span(ex["messages"][-1]["content"])[1]
         candidates = [code_span(t)[1] if done else None for t, done in zip(texts[i * per:(i + 1) * per], finished[i * per:(i + 1) * per])]
         t0 = time.time()
-        variant, similarity, judged = choose_variant(correct, candidates, lambda c: common.judge_code(c, ex["reference"]),
-                                                     args.min_similarity)
+        judge = lambda code: common.judge_code(code, ex["reference"])
+        reference_passes = judge(correct)[0]  # a reference that fails its own tests gets no variant (plain SFT)
+        variant, similarity, judged = choose_variant(correct, candidates, judge, args.min_similarity) \
+            if reference_passes else (None, 0.0, 0)
         timing["judge_s"] += time.time() - t0
-        timing["judged"] += judged
+        timing["judged"] += judged + 1
         source = sources[candidates.index(variant) // args.num_samples] if variant is not None else None
-        rows.append({"variant": variant, "similarity": similarity, "source": source})
+        rows.append({"variant": variant, "similarity": similarity, "source": source, "reference_passes": reference_passes})
     return rows, timing
 
 
@@ -362,6 +364,7 @@ def main(args):
         ex["line_mask"], ex["token_mask"] = token_masks(tokenizer, ex, line, token)
     found = [row for row in variants if row["variant"] is not None]
     method_stats = {"method/with_variant": len(found) / len(variants),
+                    "method/reference_fails": sum(not r.get("reference_passes", True) for r in variants) / len(variants),
                     "method/similarity": sum(r["similarity"] for r in found) / max(len(found), 1),
                     **{f"method/from_{s}": sum(r["source"] == s for r in found) / len(variants) for s in ("corrupt", "task")},
                     **{f"method/{k}": v for k, v in timing.items()}}

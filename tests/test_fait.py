@@ -203,6 +203,26 @@ def test_choose_variant_keeps_the_closest_failing_candidate():
     assert fait.choose_variant(correct, ["def f(x):\n    return 1 + x"], judge, 0.5)[0] is None  # passes its tests
 
 
+def test_find_variants_checks_the_reference_and_runs_candidates_in_the_sandbox(monkeypatch, world):
+    model, tokenizer = world
+    rows = [{"text": "Write add_one(x).", "code": "def add_one(x):\n    return x + 1", "test_list": ["assert add_one(1) == 2"]},
+            {"text": "Write add_two(x).", "code": "def add_two(x):\n    return x + 3", "test_list": ["assert add_two(1) == 3"]}]
+    examples = [common.to_example(r, "row") for r in rows]
+    prompts_seen = []
+
+    def fake_generate(model, tokenizer, prompts, *args, **kwargs):
+        prompts_seen.extend(prompts)
+        return ["def add_one(x):\n    return x - 1", "def add_one(x):\n    return 1 + x"] * 2, [True] * 4
+
+    monkeypatch.setattr(common, "generate", fake_generate)
+    args = fait.Args(variant_prompts="corrupt,task", num_samples=1)
+    out, timing = fait.find_variants(model, tokenizer, examples, args)
+    assert out[0]["variant"] == "def add_one(x):\n    return x - 1" and out[0]["source"] == "corrupt"
+    assert out[1] == {"variant": None, "similarity": 0.0, "source": None, "reference_passes": False}  # wrong reference
+    assert "Correct solution:\ndef add_one(x)" in prompts_seen[0][-1]["content"] and prompts_seen[1] == examples[0]["messages"][:-1]
+    assert timing["generated"] == 4 and timing["judged"] == 3  # two references, one candidate
+
+
 def run(out, *extra, check=True, script="fait.py"):
     cmd = [sys.executable, script, "--output_dir", str(out), *QUICK, *extra]
     if script == "fait.py" and "--cache_dir" not in extra:
