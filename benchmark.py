@@ -167,13 +167,27 @@ def bench_train(args):
 
 
 def bench_generate(args):
-    """What s3ft.py and fait.py spend before training: generation (same prompts, batched vs one at a time,
-    greedy, the same token budget) and judging per sample (math: parsing; code: one sandboxed process)."""
+    """What s3ft.py and fait.py spend before training: generation (same prompts, greedy, the same token budget)
+    one prompt at a time vs batched with `common.generate`, and with transformers' `model.generate` on the
+    same batches (left-padded, every row decoded until the longest stops); judging per sample (math: parsing;
+    code: one sandboxed process)."""
     import torch
+    from transformers import GenerationConfig
     sys.path.insert(0, ROOT)
     import common
     torch.set_num_threads(args.threads)
     model, tokenizer = common.load_model(os.path.join(common.WORLD_DIR, "base"))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=model.generation_config.eos_token_id)
+
+    def hf_generate(prompts, batch):
+        tokenizer.padding_side = "left"
+        for s in range(0, len(prompts), batch):
+            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                     for p in prompts[s:s + batch]]
+            model.generate(**tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False),
+                           generation_config=config)
+
     rows = {}
     for task in ("math", "code"):
         examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", task, "train.jsonl"), tokenizer, 512,
@@ -181,21 +195,27 @@ def bench_generate(args):
         prompts = [e["messages"][:-1] for e in examples]
         common.generate(model, tokenizer, prompts[:2], args.max_new_tokens, batch_size=2)  # warm-up
         rates = {}
-        for batch in (1, args.gen_batch_size):
+        for name, batch in (("one", 1), ("batched", args.gen_batch_size), ("hf", args.gen_batch_size)):
             n = args.one_at_a_time if batch == 1 else len(prompts)
             t0 = time.perf_counter()
-            texts = common.generate(model, tokenizer, prompts[:n], args.max_new_tokens, batch_size=batch)
-            rates[batch] = n / (time.perf_counter() - t0)
+            if name == "hf":
+                with torch.no_grad():
+                    hf_generate(prompts, batch)
+            else:
+                texts = common.generate(model, tokenizer, prompts[:n], args.max_new_tokens, batch_size=batch)
+            rates[name] = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for e, t in zip(examples, texts):
             common.JUDGES[e["task"]](t, e["reference"])
-        rows[task] = (rates[1], rates[args.gen_batch_size], (time.perf_counter() - t0) / len(examples))
+        rows[task] = (rates, (time.perf_counter() - t0) / len(examples))
     print(f"\nGeneration on the embedded base (greedy, max_new_tokens {args.max_new_tokens}, {args.threads} threads): "
           f"{args.one_at_a_time} prompts one at a time vs {args.prompts} in batches of {args.gen_batch_size}")
-    print("| task | one at a time (samples/s) | batched (samples/s) | speed-up | judge (ms/sample) |")
-    print("|---|---|---|---|---|")
-    for task, (one, batched, judge) in rows.items():
-        print(f"| {task} | {one:.2f} | {batched:.1f} | {batched / one:.1f}x | {judge * 1e3:.1f} |")
+    print("| task | one at a time (samples/s) | batched (samples/s) | speed-up | transformers `generate`, same batches "
+          "(samples/s) | judge (ms/sample) |")
+    print("|---|---|---|---|---|---|")
+    for task, (r, judge) in rows.items():
+        print(f"| {task} | {r['one']:.2f} | {r['batched']:.1f} | {r['batched'] / r['one']:.1f}x | {r['hf']:.1f} | "
+              f"{judge * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

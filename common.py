@@ -7,6 +7,7 @@ Nothing here is method-specific: a method changes the per-token objective handed
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -71,9 +72,9 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(value)
+        dist.all_reduce(value, op=op)
     return value
 
 
@@ -632,31 +633,78 @@ JUDGES = {"math": judge_math, "exact": judge_exact, "rc": judge_rc, "code": judg
 
 
 @torch.no_grad()
+def decode(model, input_ids, attention_mask, max_new_tokens: int, stop_ids: torch.Tensor, temperature: float = 0.0,
+           generator=None, synced: bool = False, compact: float = 0.25) -> torch.Tensor:
+    """Continue a left-padded batch with the KV cache: greedy (temperature 0) or plain sampling from
+    softmax(logits / temperature). Returns [batch, max_new_tokens] token ids, -1 after a row's stop token.
+    Once a `compact` fraction of the rows has stopped they are dropped from the batch and the cache, so one long
+    answer does not keep the finished ones computing (5x fewer decode steps on the world's code prompts than
+    `model.generate`, which runs every row until the longest stops). `synced`: FSDP ranks run the same number
+    of forwards (a rank that is done keeps decoding a dead row until every rank is)."""
+    from transformers import DynamicCache
+    out = torch.full((input_ids.shape[0], max_new_tokens), -1, dtype=torch.long)
+    rows = torch.arange(input_ids.shape[0])                     # the sample each batch row holds
+    live = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    cache, ids = DynamicCache(config=model.config), input_ids
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x
+    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    stop_ids = stop_ids.to(input_ids.device)
+    for t in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                       logits_to_keep=1, **{cache_arg: cache}).logits[:, -1].float()
+        if temperature > 0:
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+        else:
+            token = logits.argmax(-1)
+        out[rows[live.cpu()], t] = token[live].cpu()
+        live &= ~torch.isin(token, stop_ids)
+        busy = all_reduce_sum(live.any().float()).item() > 0 if synced else live.any()
+        if t == max_new_tokens - 1 or not busy:
+            break
+        if live.any() and (~live).float().mean() >= compact:
+            keep = live.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, live, token = rows[keep.cpu()], live[keep], token[keep]
+            attention_mask, position = attention_mask[keep], position[keep]
+        ids = token[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+        position = position[:, -1:] + 1
+    return out
+
+
+@torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0,
              batch_size: int = 32, seed: int = 0, synced: bool = False, return_finished: bool = False) -> list:
-    """Batched generation with the KV cache (left-padded). temperature 0 = greedy, else plain sampling.
-    Returns the texts (special tokens removed), or (texts, finished) where finished[i] says the answer
-    ended with an end-of-turn token rather than running out of max_new_tokens."""
-    from transformers import GenerationConfig
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-                              top_k=None, top_p=None, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id, use_cache=True)
-    was_training, side = model.training, tokenizer.padding_side
+    """Batched generation through the chat template: prompts sorted by length (little padding), `decode` per
+    batch, results in the input order. temperature 0 = greedy, else plain sampling (seeded). Returns the texts
+    (special tokens removed), or (texts, finished) where finished[i] says the answer ended with an end-of-turn
+    token rather than running out of max_new_tokens."""
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    torch.manual_seed(seed)
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    outputs, finished = [], []
     device = next(model.parameters()).device
-    stops = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, generation_config=config, synced_gpus=synced)[:, enc["input_ids"].shape[1]:]
-        outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
-        finished += torch.isin(out.cpu(), stops).any(1).tolist()
-    tokenizer.padding_side = side
+    stops = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    stops = torch.tensor(stops if isinstance(stops, list) else [stops])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if synced:  # FSDP: every rank runs as many batches as the busiest one (extra ones on a dummy prompt)
+        count = int(all_reduce_sum(torch.tensor(float(len(batches)), device=device), dist.ReduceOp.MAX).item())
+        batches += [None] * (count - len(batches))
+    texts, finished = [""] * len(prompts), [False] * len(prompts)
+    for batch in batches:
+        seqs = [encoded[i] for i in batch] if batch else [tokenizer("hi", add_special_tokens=False)["input_ids"]]
+        width = max(len(q) for q in seqs)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(q)) + q for q in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], device=device)
+        out = decode(model, input_ids, mask, max_new_tokens, stops, temperature, generator, synced)
+        for i, row in zip(batch or [], out.tolist()):
+            row = row[:row.index(-1)] if -1 in row else row
+            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+            finished[i] = bool(row) and row[-1] in stops.tolist()
     model.train(was_training)
-    return (outputs, finished) if return_finished else outputs
+    return (texts, finished) if return_finished else texts
 
 
 def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tokens: int = 64,

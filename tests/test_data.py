@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import common
 from common import IGNORE_INDEX, UsageError
@@ -133,3 +134,45 @@ def test_every_sft_flag_has_help_and_parses(monkeypatch):
     args = common.parse_args(sft.Args)
     assert args.steps == 3 and args.compile is False
     assert all(f.metadata["help"] for f in dataclasses.fields(sft.Args))
+
+
+@pytest.fixture(scope="module")
+def world_prompts(tokenizer):
+    prompts = []
+    for task in ("math", "code", "rc"):
+        examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", task, "test.jsonl"), tokenizer, 512,
+                                           limit=6)
+        prompts += [e["messages"][:-1] for e in examples]
+    return prompts
+
+
+def test_generate_greedy_equals_transformers_one_prompt_at_a_time(world_prompts):
+    """common.generate (sorted, left-padded batches, finished rows dropped) gives the tokens transformers'
+    generate gives each prompt alone, and says which answers ended with an end-of-turn token."""
+    from transformers import GenerationConfig
+    model, tokenizer = common.load_model(os.path.join(common.WORLD_DIR, "base"))
+    stops = model.generation_config.eos_token_id
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    texts, finished = common.generate(model, tokenizer, world_prompts, 24, batch_size=7, return_finished=True)
+    for prompt, text, done in zip(world_prompts, texts, finished):
+        ids = tokenizer(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
+                        return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1]:]
+        assert text == tokenizer.decode(out, skip_special_tokens=True)
+        assert done == bool(torch.isin(out, torch.tensor(stops)).any())
+    assert any(finished) and not all(finished)  # both cases occur with 24 new tokens
+
+
+def test_decode_dropping_finished_rows_changes_nothing(world_prompts, tokenizer):
+    model = common.load_model(os.path.join(common.WORLD_DIR, "base"))[0].eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in world_prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    stops = torch.tensor(model.generation_config.eos_token_id)
+    kept = common.decode(model, enc["input_ids"], enc["attention_mask"], 40, stops, compact=2.0)  # never drops
+    dropped = common.decode(model, enc["input_ids"], enc["attention_mask"], 40, stops, compact=0.01)
+    assert torch.equal(kept, dropped) and (kept == -1).any()
+    # sampling: reproducible from the seed, and the seed matters
+    g = lambda seed: common.decode(model, enc["input_ids"], enc["attention_mask"], 16, stops, 1.0,
+                                   torch.Generator().manual_seed(seed))
+    assert torch.equal(g(0), g(0)) and not torch.equal(g(0), g(1))
