@@ -134,3 +134,15 @@ def test_fsdp2_two_processes_match_and_resume(reference, tmp_path):
     assert_same_weights(reference / "final", tmp_path / "fsdp" / "final", atol=5e-5)
     run(tmp_path / "resumed", "--fsdp", "--resume", str(tmp_path / "fsdp" / "checkpoint-3"), nproc=2)
     assert_same_weights(tmp_path / "fsdp" / "final", tmp_path / "resumed" / "final", atol=0)
+
+
+def test_fsdp2_evaluation_with_uneven_shards_matches_one_process(tmp_path):
+    """Generation under FSDP: ranks hold 3 and 2 prompts (2 and 1 batches of 2), so a rank runs a padding batch
+    and keeps decoding until the other is done; the scores equal one process's."""
+    evals = ["--steps", "1", "--eval_datasets", "math=world/data/math/test.jsonl,code=world/data/code/test.jsonl",
+             "--eval_samples", "5", "--eval_batch_size", "2", "--max_new_tokens", "48"]
+    run(tmp_path / "fsdp", "--fsdp", *evals, nproc=2)
+    run(tmp_path / "one", *evals)
+    scores = lambda out: [{k: v for k, v in r.items() if k.endswith("accuracy")} for r in records(out) if "event" in r
+                          and r["event"].startswith("eval")]
+    assert scores(tmp_path / "fsdp") == scores(tmp_path / "one") and len(scores(tmp_path / "one")) == 2
