@@ -638,8 +638,8 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, stop_ids: torc
     """Continue a left-padded batch with the KV cache: greedy (temperature 0) or plain sampling from
     softmax(logits / temperature). Returns [batch, max_new_tokens] token ids, -1 after a row's stop token.
     Once a `compact` fraction of the rows has stopped they are dropped from the batch and the cache, so one long
-    answer does not keep the finished ones computing (5x fewer decode steps on the world's code prompts than
-    `model.generate`, which runs every row until the longest stops). `synced`: FSDP ranks run the same number
+    answer does not keep the finished ones computing (`model.generate` runs every row until the longest
+    stops; `python benchmark.py generate` compares the two). `synced`: FSDP ranks run the same number
     of forwards (a rank that is done keeps decoding a dead row until every rank is)."""
     from transformers import DynamicCache
     out = torch.full((input_ids.shape[0], max_new_tokens), -1, dtype=torch.long)

@@ -256,7 +256,7 @@ def main(args):
     sources = [row["source"] for row in rows]
     method_stats = {f"method/{s}": sources.count(s) / len(sources) for s in ("own", "rewrite", "gold")}
     method_stats.update({f"method/{k}": v for k, v in timing.items()})
-    print0(f"S3FT targets: " + " | ".join(f"{s} {sources.count(s)}" for s in ("own", "rewrite", "gold")) +
+    print0("S3FT targets: " + " | ".join(f"{s} {sources.count(s)}" for s in ("own", "rewrite", "gold")) +
            f" | {cache}" + ("" if timing["cached"] else f" | generate {timing['generate_s']:.0f}s judge {timing['judge_s']:.0f}s"))
     # the paper's motivation (Table 1, Fig. 2): where both are correct, the model's own answer is likelier than the gold
     own = [i for i, row in enumerate(rows) if row["source"] == "own"][:256]

@@ -6,8 +6,6 @@ import itertools
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,8 +14,8 @@ import torch.nn.functional as F
 import common
 import fait
 import sft
+from scripts import losses, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(common.WORLD_DIR, "data", "code", "train.jsonl")
 QUICK = ["--steps", "3", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--compile", "false"]
 
@@ -224,19 +222,8 @@ def test_find_variants_checks_the_reference_and_runs_candidates_in_the_sandbox(m
 
 
 def run(out, *extra, check=True, script="fait.py"):
-    cmd = [sys.executable, script, "--output_dir", str(out), *QUICK, *extra]
-    if script == "fait.py" and "--cache_dir" not in extra:
-        cmd += ["--cache_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    cache = ["--cache_dir", str(out)] if script == "fait.py" and "--cache_dir" not in extra else []
+    return run_script(script, out, *QUICK, *extra, *cache, check=check)
 
 
 def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(tmp_path):

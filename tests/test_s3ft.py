@@ -3,16 +3,13 @@ starting model, the cache, and the script end to end (a rebuild that keeps every
 like sft.py)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
 import common
 import s3ft
+from scripts import records, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATH = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
 QUICK = ["--steps", "3", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--compile", "false"]
 
@@ -103,17 +100,7 @@ def test_rebuild_uses_the_frozen_model_and_the_task_judge(world):
 
 
 def run(script, out, *extra, check=True):
-    cmd = [sys.executable, script, "--output_dir", str(out), *QUICK, *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def records(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_script(script, out, *QUICK, *extra, check=check)
 
 
 def test_all_gold_rebuild_trains_exactly_like_sft_and_is_cached(tmp_path):

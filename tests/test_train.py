@@ -1,5 +1,4 @@
 """sft.py end to end in subprocesses: golden losses, split/process invariance, resume, round trip, bad flags."""
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import ROOT, losses, records, run_script
+
 QUICK = ["--steps", "6", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--lr", "1e-3"]
 # sft.py's first 6 losses on the embedded world with QUICK (recorded with torch 2.13 CPU; a change in the
 # data pipeline, loss, normalisation or optimizer moves them).
@@ -18,24 +18,7 @@ GOLDEN = [0.318173, 0.214918, 0.190686, 0.110975, 0.043838, 0.065957]
 
 
 def run(out, *extra, nproc=1, check=True):
-    cmd = [sys.executable, "sft.py", "--output_dir", str(out), *QUICK, *extra]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), *cmd[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def records(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(out):
-    return [r["loss"] for r in records(out) if "loss" in r]
+    return run_script("sft.py", out, *QUICK, *extra, nproc=nproc, check=check)
 
 
 def weights(path):
