@@ -6,7 +6,7 @@ and an accepted rewrite becomes the target (`rewrite`); otherwise the gold stays
 Training on its own wording moves the model less than the gold wording does, so it forgets less.
 
 Usage:
-    python s3ft.py                                  # embedded world: rebuild the math set (~6 min), then sft.py's run
+    python s3ft.py                                  # embedded world: rebuild the math set (~2 min), then sft.py's run
     torchrun --nproc_per_node 8 s3ft.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
         --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024 \
         --gen_max_new_tokens 512
