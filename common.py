@@ -737,13 +737,16 @@ def evaluate_loss(loss_model, examples: list, rt: Runtime, pad_id: int, batch_si
 
 # ============================================================ CHECKPOINTS AND LOGGING
 def content_hash(*parts) -> str:
-    """sha256 of JSON-able parts and modules (their parameters' bytes): the key of cached, rebuilt data."""
+    """sha256 of JSON-able parts, modules (their parameters' bytes) and functions (their source code): the key
+    of cached, rebuilt data, so a change of weights, data, settings or the code that made it rebuilds it."""
     digest = hashlib.sha256()
     for part in parts:
         if isinstance(part, torch.nn.Module):
             for name, tensor in sorted(part.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif callable(part):
+            digest.update(inspect.getsource(part).encode())
         else:
             digest.update(json.dumps(part, sort_keys=True).encode())
     return digest.hexdigest()

@@ -119,7 +119,7 @@ class Args:
     gen_seed: int = 0
     """seed of the sampling (apart from --seed, so that training seeds share one generated set)"""
     cache_dir: str = "runs/cache"
-    """generated data is saved here under a content hash of model, data and settings, and reused by any run"""
+    """generated data is saved here under a content hash of model, data, settings and code; reused by any run"""
 
 
 # METHOD: FAIT error-sensitive segments (Sec. 3.1) and dynamic importance reweighting (Sec. 3.2)
@@ -342,7 +342,9 @@ def main(args):
                                     f"use a teacher of the same family")
     settings = {k: getattr(args, k) for k in ("variant_prompts", "corrupt_template", "num_samples", "min_similarity",
                                               "gen_temperature", "gen_max_new_tokens", "gen_seed")}
-    key = common.content_hash(teacher, [[ex["messages"], ex["reference"]] for ex in train], settings)
+    key = common.content_hash(teacher, [[ex["messages"], ex["reference"]] for ex in train], settings,
+                              common.generate, common.decode, common.judge_code, common.run_sandboxed, find_variants,
+                              choose_variant)
     cache = os.path.join(args.cache_dir, f"fait_variants-{key[:16]}.jsonl")
     timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "judged": 0, "cached": os.path.isfile(cache), "file": cache}
     if timing["cached"]:

@@ -97,7 +97,7 @@ class Args:
     gen_seed: int = 0
     """seed of the sampling (apart from --seed, so that training seeds share one generated set)"""
     cache_dir: str = "runs/cache"
-    """generated data is saved here under a content hash of model, data and settings, and reused by any run"""
+    """generated data is saved here under a content hash of model, data, settings and code; reused by any run"""
     own_answers: bool = True
     """stage 1, use the model's own correct answers; false = rewrite every example (SDFT-like ablation)"""
     rewrite_template: str = ("{prompt}\n\nReference answer:\n{reference}\n\n"
@@ -238,7 +238,8 @@ def main(args):
         task_judge(ex["task"], f"{args.dataset}: sample {i + 1}")
     settings = {k: getattr(args, k) for k in ("gen_max_new_tokens", "gen_temperature", "own_answers", "rewrite_template",
                                               "leak_filter", "gen_seed")}
-    key = common.content_hash(model, [[ex["messages"], ex["task"], ex["reference"]] for ex in train], settings)
+    key = common.content_hash(model, [[ex["messages"], ex["task"], ex["reference"]] for ex in train], settings,
+                              common.generate, common.decode, *common.JUDGES.values(), select_targets, rebuild)
     cache = os.path.join(args.cache_dir, f"s3ft_data-{key[:16]}.jsonl")
     timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "cached": os.path.isfile(cache), "file": cache}
     if timing["cached"]:

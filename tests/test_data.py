@@ -176,3 +176,15 @@ def test_decode_dropping_finished_rows_changes_nothing(world_prompts, tokenizer)
     g = lambda seed: common.decode(model, enc["input_ids"], enc["attention_mask"], 16, stops, 1.0,
                                    torch.Generator().manual_seed(seed))
     assert torch.equal(g(0), g(0)) and not torch.equal(g(0), g(1))
+
+
+def test_content_hash_covers_weights_data_and_code():
+    first = lambda x: x + 1  # noqa: E731
+    second = lambda x: x + 2  # noqa: E731
+    model = torch.nn.Linear(2, 2)
+    key = common.content_hash(model, [{"a": 1}], first)
+    assert key == common.content_hash(model, [{"a": 1}], first)
+    assert key != common.content_hash(model, [{"a": 2}], first) and key != common.content_hash(model, [{"a": 1}], second)
+    with torch.no_grad():
+        model.weight[0, 0] += 1
+    assert key != common.content_hash(model, [{"a": 1}], first)
