@@ -1,0 +1,289 @@
+"""One-Token Rollout (OTR): sft.py where every response token is a one-step policy-gradient episode.
+
+Paper: Ming, Wu, Hu, He, Yu 2025, "One-Token Rollout: Guiding Supervised Fine-Tuning of LLMs with Policy
+Gradient", https://arxiv.org/abs/2509.26313. No official code; the loss is reconstructed from the paper's
+abstract and its public reviews (see otr_objective), and beta's value is provisional.
+
+Method:
+  At each response position draw K tokens from the model's own next-token distribution at temperature kappa,
+  reward 1 for the dataset token and beta for any other, and apply REINFORCE: -(1/K) sum_j R_j log pi(a_j).
+  The draws come from the logits of the ordinary forward pass, chunk by chunk inside the fused loss.
+
+Usage:
+    python otr.py                                   # embedded world, sft.py's budget, K 256, kappa 1.3, beta -0.1
+    python otr.py --beta 0 --kappa 1                # the expected gradient is DFT's (see otr_objective)
+    torchrun --nproc_per_node 8 otr.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
+        --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
+"""
+import dataclasses
+import os
+import time
+
+import torch
+
+import common
+from common import print0
+
+
+@dataclasses.dataclass
+class Args:
+    # COMMON: the same block in every script
+    model: str = os.path.join(common.WORLD_DIR, "base")
+    """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
+    dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
+    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
+        ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
+        ("knowledge", "knowledge", "test")])
+    """comma-separated name=source pairs scored by the task judges; the first is the target task"""
+    eval_split: str = "test"
+    """split of hub eval datasets"""
+    output_dir: str = "runs/otr"
+    """where checkpoints, the final model and metrics.jsonl go"""
+    seed: int = 0
+    """seed of data order, sampling and evaluation"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (parameters and compute)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    max_length: int = 512
+    """tokens per sample (prompt + response)"""
+    overlong: str = "truncate"
+    """what to do with samples over max_length: truncate | drop (both counted and reported)"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 32
+    """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
+    micro_batch_size: int = 0
+    """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
+    warmup_ratio: float = 0.05
+    """fraction of steps of linear warm-up, then cosine decay to 10%"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    chunk_size: int = 0
+    """tokens per chunk of the fused loss; 0 = sized for a 150 MiB logits buffer"""
+    compile: bool = True
+    """compile the fused loss's per-chunk function with torch.compile"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    save_every: int = 50
+    """checkpoint every N steps (0 = only the final model)"""
+    keep_checkpoints: int = 2
+    """keep the newest N checkpoints (0 = all)"""
+    resume: str = ""
+    """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
+    eval_samples: int = 100
+    """prompts per eval dataset (0 = all)"""
+    eval_before: bool = True
+    """also evaluate the starting model"""
+    max_new_tokens: int = 64
+    """generation budget per eval answer"""
+    eval_batch_size: int = 50
+    """prompts per generation batch"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off unless asked)"""
+    # METHOD: OTR
+    samples: int = 256
+    """K, tokens drawn per response position (256 in the paper)"""
+    kappa: float = 1.3
+    """temperature of the sampling policy pi' = softmax(z / kappa) (> 1 explores; 1.3 is the paper's example value)"""
+    beta: float = -0.1
+    """reward of a drawn token that is not the dataset token (< 1). PROVISIONAL: the paper uses a slightly negative value whose number we could not read"""
+    estimator: str = "mc"
+    """mc: the paper's K-sample Monte Carlo loss | exact: its expectation over pi' in closed form (not in the paper; no sampling noise)"""
+
+
+ESTIMATORS = ("mc", "exact")
+
+
+# METHOD: the per-token objectives, run chunk by chunk inside common.fused_linear_cross_entropy
+def otr_objective(logits, labels, weights, uniforms, kappa, beta):
+    """OTR per-token loss (Ming et al. 2025, Eq. 8 as restated by the reviewers): draw a_1..a_K ~ pi'(.|s_t) =
+    softmax(z_t / kappa), reward R_j = 1 if a_j == y_t else beta, and l_t = -(1/K) sum_j sg[R_j] log pi_theta(a_j|s_t).
+
+    logits = z_t [C, V] (fp32), labels = y_t, weights = the token's loss weight, uniforms = U(0,1) [C, K] (one
+    per draw, made by the caller from a seeded generator), kappa and beta 0-d tensors. The draws are inverse-CDF
+    samples of pi' (searchsorted on its cumulative sum): no RNG inside the compiled chunk, and a token's draws
+    do not depend on the chunking. log pi_theta is at temperature 1; pi' and the rewards carry no gradient,
+    there is no importance ratio pi/pi' and no baseline besides beta. Logit gradient: mean_j(R_j) softmax(z)
+    - (1/K) sum_j R_j e_{a_j}; in expectation (1-beta) pi'(y)(softmax(z) - e_y) + beta (softmax(z) - pi').
+    Unverified against the paper's text: whether y_t is forced into the draws (here it is not) and the 1/T
+    sequence averaging (here: the global token mean of every script). Returns (loss, log p_t, hit fraction)."""
+    lse = logits.logsumexp(-1, keepdim=True)
+    sampling = (logits.detach() / kappa).softmax(-1)
+    cdf = sampling.cumsum(-1)
+    draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1)
+    hit = draws == labels[:, None]
+    reward = torch.where(hit, 1.0, beta)
+    logp_draws = logits.gather(1, draws) - lse
+    logp = common.label_logit(logits, labels) - lse[:, 0]
+    return -weights * (reward * logp_draws).mean(-1), logp, hit.float().mean(-1)
+
+
+def otr_expected_objective(logits, labels, weights, kappa, beta):
+    """The expectation of otr_objective over the draws (--estimator exact; not the paper's estimator, a
+    reviewer's suggestion): l_t = -(1-beta) sg[pi'(y_t)] log pi(y_t) - beta sum_a sg[pi'(a)] log pi(a).
+
+    Same symbols as otr_objective. Its logit gradient is the closed form (1-beta) pi'(y)(pi - e_y) + beta (pi - pi'):
+    kappa = 1 gives (1-beta) x DFT's gradient, beta = 0 with kappa -> inf gives SFT's / V. Returns (loss, log p_t,
+    pi'(y_t)), the last being the expected hit fraction."""
+    logp_all = logits.log_softmax(-1)
+    logp = common.label_logit(logp_all, labels)
+    sampling = (logits.detach() / kappa).softmax(-1)
+    label_sampling = common.label_logit(sampling, labels)
+    loss = -(1 - beta) * label_sampling * logp - beta * (sampling * logp_all).sum(-1)
+    return weights * loss, logp, label_sampling
+
+
+def rollout_uniforms(batch, ids, step, args):
+    """U(0,1) draws [B, T, K] for the micro-batch's one-token rollouts, seeded per (seed, step, sample index):
+    the same for any micro-batching, number of processes or resume point."""
+    uniforms = torch.zeros(*batch["targets"].shape, args.samples, device=batch["targets"].device)
+    generator = torch.Generator(device=uniforms.device)
+    for row, i in enumerate(ids):
+        generator.manual_seed((args.seed * 1_000_003 + step) * 1_000_003 + int(i))
+        n = int(batch["attention_mask"][row].sum())
+        uniforms[row, :n] = torch.rand(n, args.samples, generator=generator, device=uniforms.device)
+    return uniforms
+
+
+# COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
+def compute_loss(model, batch, args):
+    """Summed per-token OTR loss of a micro-batch; the caller normalises by the global token count."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # METHOD: OTR's objective in training; the held-out loss (no grad) stays plain cross-entropy, as in sft.py
+    objective, inputs, constants = common.cross_entropy_objective, (), ()
+    if torch.is_grad_enabled():
+        objective, inputs = (otr_objective, (batch["uniforms"],)) if args.estimator == "mc" else (otr_expected_objective, ())
+        constants = (torch.tensor(args.kappa, device=hidden.device), torch.tensor(args.beta, device=hidden.device))
+    loss_sum, logp, *hits = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
+                                                              objective=objective, token_inputs=inputs, constants=constants,
+                                                              chunk_size=args.chunk_size or None, compile=args.compile)
+    mask = batch["targets"] != common.IGNORE_INDEX
+    n = mask.sum().clamp(min=1)
+    metrics = {"ce": (-logp[mask].sum() / n).item(), "label_prob": (logp[mask].exp().sum() / n).item()}
+    if hits:
+        metrics["hit_fraction"] = (hits[0][mask].sum() / n).item()
+    return loss_sum, metrics
+
+
+def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
+    """Judge accuracy on every eval set plus held-out loss on the target set."""
+    results = {"step": step}
+    if not eval_sets:
+        return results
+    target = next(iter(eval_sets))  # loss first: FSDP must run the root's forward before anything else
+    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
+    with common.unsharded(loss_model):
+        for name, examples in eval_sets.items():
+            acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
+                                           batch_size=args.eval_batch_size, synced=args.fsdp)
+            results[f"eval/{name}/accuracy"] = acc["accuracy"]
+    return results
+
+
+def main(args):
+    # METHOD: bad flags fail before anything loads
+    if args.samples < 1 or args.kappa <= 0 or args.beta >= 1 or args.estimator not in ESTIMATORS:
+        raise common.UsageError(f"need --samples >= 1 (got {args.samples}), --kappa > 0 (got {args.kappa}), --beta < 1 "
+                                f"(got {args.beta}), --estimator in {ESTIMATORS} (got {args.estimator!r})")
+
+    # COMMON: seed, distributed
+    rt = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)  # identical init on every rank
+
+    # COMMON: model and tokenizer
+    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model.config.use_cache = False
+
+    # COMMON: data
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
+    eval_sets = {}
+    for pair in filter(None, args.eval_datasets.split(",")):
+        name, _, source = pair.partition("=")
+        if not source:
+            raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        eval_sets[name] = examples[: args.eval_samples or None]
+    micro = args.micro_batch_size or args.batch_size // rt.world_size
+    if args.batch_size % (micro * rt.world_size):
+        raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
+                         f"x {rt.world_size} processes")
+    schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+
+    # COMMON: optimizer and schedule
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(args.warmup_ratio * args.steps))
+    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    start_step, resume = 0, args.resume
+    if resume == "auto":
+        resume = common.latest_checkpoint(args.output_dir) or ""
+    if resume:
+        start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
+        print0(f"resumed from {resume} at step {start_step}")
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
+    if args.eval_before and not resume:
+        logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
+
+    # COMMON: training loop
+    loss_model.train()
+    t_start, tokens_seen = time.time(), 0
+    for step in range(start_step, args.steps):
+        t0 = time.time()
+        batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
+                   for ids in common.micro_batches(schedule[step], rt, micro)]
+        for ids, batch in zip(common.micro_batches(schedule[step], rt, micro), batches):  # METHOD: this step's draws
+            if args.estimator == "mc":
+                batch["uniforms"] = rollout_uniforms(batch, ids, step, args)
+        global_tokens = common.count_loss_tokens(batches)
+        loss_total, padded, real = torch.zeros((), device=rt.device), 0, 0
+        for i, batch in enumerate(batches):
+            with common.gradient_sync(loss_model, sync=i == len(batches) - 1):
+                loss_sum, metrics = loss_model(batch)
+                common.normalized_loss(loss_sum, global_tokens, rt.world_size).backward()
+            loss_total += loss_sum.detach()
+            padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # COMMON: logging (the logged loss is the optimised loss: global token mean)
+        stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
+        tokens_seen += stats_t[1].item()
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
+                    "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
+                    **{f"method/{k}": v for k, v in metrics.items()}})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
+                                   optimizer, scheduler, {"step": step + 1}, args.fsdp)
+            common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
+
+    # COMMON: evaluate and save
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
+    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen})
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    print0(f"saved {os.path.join(args.output_dir, 'final')}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(common.parse_args(Args))
+    except common.UsageError as err:
+        raise SystemExit(f"error: {err}") from None
