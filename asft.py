@@ -121,7 +121,7 @@ def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft
     Logit gradient: w_t (softmax(z) - e_y) + lambda (pi_theta - pi_ref). Returns (loss, log p_t, KL_t)."""
     logp_all = logits.log_softmax(-1)
     logp = common.label_logit(logp_all, labels)
-    ref_logp = (ref_hidden @ ref_head.t()).float().log_softmax(-1)
+    ref_logp = (ref_hidden @ ref_head.t()).to(logits.dtype).log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - logp_all)).sum(-1)
     w = torch.where(dft > 0, logp.exp().detach(), torch.ones_like(logp))
     return weights * (-w * logp + kl_weight * kl), logp, kl.detach()
