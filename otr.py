@@ -121,7 +121,7 @@ def otr_objective(logits, labels, weights, uniforms, kappa, beta):
     reward = torch.where(hit, 1.0, beta)
     logp_draws = logits.gather(1, draws) - lse
     logp = common.label_logit(logits, labels) - lse[:, 0]
-    return -weights * (reward * logp_draws).mean(-1), logp, hit.float().mean(-1)
+    return -weights * (reward * logp_draws).mean(-1), logp, hit.to(logits.dtype).mean(-1)
 
 
 def otr_expected_objective(logits, labels, weights, kappa, beta):
