@@ -4,6 +4,7 @@
     python benchmark.py train    # sft.py tokens/s vs TRL SFTTrainer, same model, data and batch
     python benchmark.py loss --shapes 2048x256x32000 --reps 3
     python benchmark.py generate # common.generate batched vs one prompt at a time, and the judges' cost per sample
+    python benchmark.py objectives  # step time of DFT / ASFT / OTR relative to sft.py on the same batch
 
 Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
 median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
@@ -218,13 +219,93 @@ def bench_generate(args):
               f"{judge * 1e3:.1f} |")
 
 
+def bench_objectives(args):
+    """Each method's training step (its compute_loss, the normalised backward, AdamW) on the same batch, timed
+    round-robin so drift hits every method alike; then the fused loss alone (forward + backward) with each
+    objective at --loss_shape, a real LM head (default Qwen2.5-0.5B's 896 x 151,936), where the loss weighs most."""
+    import copy
+    import torch
+    sys.path.insert(0, ROOT)
+    import asft
+    import common
+    import otr
+    import sft
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, tokenizer = common.load_model(os.path.join(common.WORLD_DIR, "base"))
+    train, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl"), tokenizer, 512,
+                                    limit=args.batch_size)
+    batch = common.collate(train, list(range(args.batch_size)), tokenizer.pad_token_id, "cpu")
+    rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
+    methods = {"sft.py": (sft, sft.Args(), None), "asft.py --mode dft": (asft, asft.Args(mode="dft"), None),
+               "otr.py": (otr, otr.Args(), None), "otr.py --estimator exact": (otr, otr.Args(estimator="exact"), None),
+               "asft.py (ASFT)": (asft, asft.Args(), "reference"), "asft.py --mode sft+kl": (asft, asft.Args(mode="sft+kl"), "reference")}
+    runs = {}
+    for name, (module, margs, ref) in methods.items():
+        model = copy.deepcopy(base)
+        extra = (asft.load_reference(margs, model, tokenizer, rt),) if ref else ()
+        b = dict(batch, uniforms=otr.rollout_uniforms(batch, range(args.batch_size), 0, margs)) if module is otr else batch
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        tokens = common.count_loss_tokens([b])
+
+        def step(module=module, model=model, b=b, margs=margs, extra=extra, optimizer=optimizer, tokens=tokens):
+            loss_sum, _ = module.compute_loss(model, b, margs, *extra)
+            common.normalized_loss(loss_sum, tokens, 1).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        runs[name] = (step, [])
+        for _ in range(2):  # warm-up, compile included
+            step()
+    for _ in range(args.reps):
+        for name, (step, times) in runs.items():
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    base_time = statistics.median(runs["sft.py"][1])
+    n, h, v = map(int, args.loss_shape.split("x"))
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, h, generator=g) / h**0.5).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * 0.02).requires_grad_()
+    x_ref, w_ref = torch.randn(n, h, generator=g) / h**0.5, torch.randn(v, h, generator=g) * 0.02
+    y = torch.randint(0, v, (n,), generator=g)
+    u = torch.rand(n, 256, generator=g)
+    scal = lambda *a: tuple(torch.tensor(float(t)) for t in a)
+    losses = {"sft.py": (common.cross_entropy_objective, (), ()), "asft.py --mode dft": (asft.dft_objective, (), ()),
+              "otr.py": (otr.otr_objective, (u,), scal(1.3, -0.1)), "otr.py --estimator exact": (otr.otr_expected_objective, (), scal(1.3, -0.1)),
+              "asft.py (ASFT)": (asft.asft_objective, (x_ref,), (w_ref, *scal(0.05, 1))),
+              "asft.py --mode sft+kl": (asft.asft_objective, (x_ref,), (w_ref, *scal(0.05, 0)))}
+    loss_times = {}
+    for name, (objective, inputs, constants) in losses.items():
+        def call():
+            loss = common.fused_linear_cross_entropy(x, w, y, objective=objective, token_inputs=inputs, constants=constants)[0]
+            loss.backward()
+            x.grad = w.grad = None
+        call()
+        times = []
+        for _ in range(max(2, args.reps // 4)):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        loss_times[name] = statistics.median(times)
+        print(f"  loss {name}: {loss_times[name]:.2f} s", flush=True)
+    print(f"\nStep time relative to sft.py: embedded world (3M Llama, V 2,044), batch {args.batch_size} math samples "
+          f"({int(tokens.item())} loss tokens), median of {args.reps} round-robin steps; fused loss alone (fwd + bwd) "
+          f"at N x H x V = {args.loss_shape}; fp32, {args.threads} threads")
+    print("| script | step (ms) | step / sft.py | loss alone (s) | loss / sft.py |")
+    print("|---|---|---|---|---|")
+    for name, (_, times) in runs.items():
+        t = statistics.median(times)
+        print(f"| {name} | {t * 1e3:.0f} | {t / base_time:.2f}x | {loss_times[name]:.2f} | "
+              f"{loss_times[name] / loss_times['sft.py']:.2f}x |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_loss_worker":
         impl, n, h, v, reps, threads = sys.argv[2:8]
         loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "train", "generate"])
+    parser.add_argument("what", choices=["loss", "train", "generate", "objectives"])
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
@@ -236,5 +317,6 @@ if __name__ == "__main__":
     parser.add_argument("--one_at_a_time", type=int, default=32, help="generate: prompts per task, one at a time")
     parser.add_argument("--gen_batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--loss_shape", default="512x896x151936", help="objectives: NxHxV of the loss-alone timing")
     a = parser.parse_args()
-    {"loss": bench_loss, "train": bench_train, "generate": bench_generate}[a.what](a)
+    {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives}[a.what](a)
