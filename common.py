@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import time
+import types
 
 import numpy as np
 import torch
@@ -357,7 +358,11 @@ def _chunk_fn(objective, compile: bool):
     if not compile:
         return lambda *a: _chunk_step(objective, *a)
     if objective not in _COMPILED:
-        _COMPILED[objective] = torch.compile(lambda *a: _chunk_step(objective, *a), dynamic=False)
+        # a code object of its own per objective: dynamo's recompile limit counts per code object, and objectives
+        # sharing one wrapper would push each other past it into a silent eager fallback
+        step = lambda *a: _chunk_step(objective, *a)
+        code = step.__code__.replace(co_name=f"chunk_step_{getattr(objective, '__name__', 'objective')}")
+        _COMPILED[objective] = torch.compile(types.FunctionType(code, step.__globals__, closure=step.__closure__), dynamic=False)
     return _COMPILED[objective]
 
 

@@ -172,3 +172,22 @@ def test_shape_and_dtype_errors():
         fused_linear_cross_entropy(x, w, y[:-1])
     with pytest.raises(ValueError, match="dtype"):
         fused_linear_cross_entropy(x, w.detach().double(), y)
+
+
+def test_every_objective_is_compiled_however_many_share_a_process():
+    """Dynamo's recompile limit (8) counts per code object: were all objectives compiled through one shared
+    wrapper, the ninth would silently run eager. Each gets its own here, so every new objective adds graphs."""
+    from torch._dynamo.utils import counters
+    x, w, y = make(n=300, h=32, v=200)
+
+    def make_objective(scale):
+        def objective(logits, labels, weights):
+            logp = logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+            return -scale * weights * logp, logp
+        return objective
+
+    for i in range(12):
+        before, objective = counters["stats"]["unique_graphs"], make_objective(1.0 + i)
+        for n in (300, 171):  # a full-size chunk and a remainder
+            fused_linear_cross_entropy(x[:n], w, y[:n], objective=objective, chunk_size=128)[0].backward()
+        assert counters["stats"]["unique_graphs"] > before, f"objective {i} ran eager"
