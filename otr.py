@@ -108,9 +108,10 @@ def otr_objective(logits, labels, weights, uniforms, kappa, beta):
     logits = z_t [C, V] (fp32), labels = y_t, weights = the token's loss weight, uniforms = U(0,1) [C, K] (one
     per draw, made by the caller from a seeded generator), kappa and beta 0-d tensors. The draws are inverse-CDF
     samples of pi' (searchsorted on the cumulative sum of exp((z - max z) / kappa), scaled by its total): no RNG
-    inside the compiled chunk, and a token's draws do not depend on the chunking. log pi_theta is at temperature 1; pi' and the rewards carry no gradient,
-    there is no importance ratio pi/pi' and no baseline besides beta. Logit gradient: mean_j(R_j) softmax(z)
-    - (1/K) sum_j R_j e_{a_j}; in expectation (1-beta) pi'(y)(softmax(z) - e_y) + beta (softmax(z) - pi').
+    inside the compiled chunk, and a token's draws do not depend on the chunking. log pi_theta is at temperature
+    1; pi' and the rewards carry no gradient; there is no importance ratio pi/pi' and no baseline besides beta.
+    Logit gradient: mean_j(R_j) softmax(z) - (1/K) sum_j R_j e_{a_j}; in expectation
+    (1-beta) pi'(y)(softmax(z) - e_y) + beta (softmax(z) - pi').
     Unverified against the paper's text: whether y_t is forced into the draws (here it is not) and the 1/T
     sequence averaging (here: the global token mean of every script). Returns (loss, log p_t, hit fraction)."""
     lse = logits.logsumexp(-1, keepdim=True)
