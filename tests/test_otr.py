@@ -88,7 +88,7 @@ def test_monte_carlo_gradient_converges_to_the_closed_form(kappa, beta):
 def test_kappa_one_is_one_minus_beta_times_dft():
     z, y = make()
     beta = -0.2
-    dft = z.grad = None
+    z.grad = None
     asft.dft_objective(z, y, torch.ones(len(y), dtype=z.dtype))[0].sum().backward()
     dft = z.grad.clone()
     torch.testing.assert_close(exact(z, y, 1.0, beta)[1], (1 - beta) * dft)
