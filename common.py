@@ -319,9 +319,13 @@ def collate(examples: list, indices, pad_id: int, device, token_keys=()) -> dict
 
 
 def micro_batches(global_batch: list, rt: Runtime, micro_batch_size: int) -> list:
-    """This rank's share of a global batch, cut into micro-batches of similar length."""
-    mine = sorted(global_batch)[rt.rank::rt.world_size]
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    """This rank's micro-batches of a global batch: the batch (sorted) is cut into micro-batches of
+    `micro_batch_size` and rank r takes micro-batches r, r + world_size, ... So the set of micro-batches is the
+    same for any split into processes x accumulation steps (methods with a per-micro-batch nonlinearity, such
+    as DRIFT's gradient bias, then give the same result with 2 processes as with 1 process accumulating 2)."""
+    ordered = sorted(global_batch)
+    chunks = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    return chunks[rt.rank::rt.world_size]
 
 
 # ============================================================ FUSED LOSS

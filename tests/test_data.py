@@ -98,6 +98,8 @@ def test_schedule_is_deterministic_grouped_and_independent_of_world_size():
     rt = [common.Runtime(r, r, 2, None, r == 0) for r in range(2)]
     shards = [common.micro_batches(a[0], r, 2) for r in rt]
     assert sorted(i for s in shards for mb in s for i in mb) == sorted(a[0])
+    single = common.micro_batches(a[0], common.Runtime(0, 0, 1, None, True), 2)  # 1 process accumulating
+    assert sorted(map(tuple, single)) == sorted(tuple(mb) for s in shards for mb in s)
 
 
 def test_collate_shifts_labels_and_pads(tokenizer):

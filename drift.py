@@ -1,0 +1,375 @@
+"""DRIFT, Directional Reasoning Injection for Fine-Tuning: sft.py with a reasoning prior in gradient space.
+
+Paper: Huang et al. 2025, "Directional Reasoning Injection for Fine-Tuning MLLMs" (v2: "DRIFT: Transferring
+Reasoning Priors for Efficient MLLM Fine-Tuning", ACL 2026 Findings), https://arxiv.org/abs/2510.15050.
+
+Method:
+  The prior Delta = theta_reasoning - theta_target is computed once per selected weight tensor (Eq. 2), never updated.
+  Each micro-batch's gradient g of a selected tensor becomes g + alpha * scale(g, Delta) (Eq. 3; alpha = -1 pulls
+  toward theta_reasoning), in a hook that runs before the cross-rank reduction and before clipping; the loss is SFT's.
+
+Usage:
+    python drift.py                                 # embedded world: the code model (target) learns math with the math model's prior
+    python drift.py --alpha 0                       # plain SFT from the same start (bit-identical to sft.py --model <target>)
+    python drift.py --merge_lambdas 0.1,0.5         # also evaluate the naive task-arithmetic merges theta_T + lambda * Delta
+    torchrun --nproc_per_node 8 drift.py --model Qwen/Qwen2.5-VL-7B-Instruct --reasoning_model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \
+        --dataset <messages.jsonl> --dtype bfloat16 --batch_size 8 --lr 1e-6 --steps 1500 --prior_device cpu
+"""
+import dataclasses
+import os
+import time
+
+import torch
+
+import common
+from common import print0
+
+
+@dataclasses.dataclass
+class Args:
+    # COMMON: the same block in every script
+    model: str = os.path.join("runs", "world_variants", "target", "final")
+    """hub id or local directory of the starting model theta_T (Hugging Face format, safetensors); the embedded default is built when missing"""
+    dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
+    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
+        ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
+        ("knowledge", "knowledge", "test")])
+    """comma-separated name=source pairs scored by the task judges; the first is the target task"""
+    eval_split: str = "test"
+    """split of hub eval datasets"""
+    output_dir: str = "runs/drift"
+    """where checkpoints, the final model and metrics.jsonl go"""
+    seed: int = 0
+    """seed of data order, sampling and evaluation"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (parameters and compute)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    max_length: int = 512
+    """tokens per sample (prompt + response)"""
+    overlong: str = "truncate"
+    """what to do with samples over max_length: truncate | drop (both counted and reported)"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 32
+    """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
+    micro_batch_size: int = 0
+    """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
+    warmup_ratio: float = 0.05
+    """fraction of steps of linear warm-up, then cosine decay to 10%"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    chunk_size: int = 0
+    """tokens per chunk of the fused loss; 0 = sized for a 150 MiB logits buffer"""
+    compile: bool = True
+    """compile the fused loss's per-chunk function with torch.compile"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    save_every: int = 50
+    """checkpoint every N steps (0 = only the final model)"""
+    keep_checkpoints: int = 2
+    """keep the newest N checkpoints (0 = all)"""
+    resume: str = ""
+    """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
+    eval_samples: int = 100
+    """prompts per eval dataset (0 = all)"""
+    eval_before: bool = True
+    """also evaluate the starting model"""
+    max_new_tokens: int = 64
+    """generation budget per eval answer"""
+    eval_batch_size: int = 50
+    """prompts per generation batch"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off unless asked)"""
+
+    # METHOD: DRIFT
+    reasoning_model: str = os.path.join("runs", "world_variants", "reasoning", "final")
+    """theta_R, the reasoning model of the prior: same architecture and tensor names as --model"""
+    prior_base: str = ""
+    """if set, Delta = theta_R - theta(prior_base) (the paper's "hierarchical" prior, Table 10); default Delta = theta_R - theta_T"""
+    alpha: float = -1.0
+    """alpha in Eq. 3, the paper's sign: g + alpha * scale; -1 (paper) pulls toward theta_R, 0 = plain SFT"""
+    scale: str = "adaptive"
+    """absolute: alpha * Delta | gradnorm: alpha * |g| * Delta/|Delta| | adaptive (paper's default): gradnorm times (1 + cos(g, Delta)) / 2"""
+    targets: str = "attn,mlp"
+    """tensors that get the bias: comma-separated presets (attn, mlp, norm, embed, head) or regexes over parameter names"""
+    skip_first_n: int = 0
+    """leave the first N decoder layers without bias"""
+    normalize_delta: bool = False
+    """rescale each Delta to the norm of its parameter (official code's default; the paper does not; changes only `absolute`)"""
+    prior_device: str = "auto"
+    """where Delta lives: auto (the training device) | cpu (copied per use, as the official code)"""
+    prior_dtype: str = "float32"
+    """float32 | bfloat16: storage of Delta (always computed in fp32; the official code subtracts in bf16)"""
+    merge_lambdas: str = ""
+    """naive-merge baseline: comma-separated lambdas; before training, evaluate and save theta_T + lambda * Delta (0.1 = BR2V's (0.9, 0.1))"""
+
+
+SCALES = ("absolute", "gradnorm", "adaptive")
+PRESETS = {"attn": r"\.self_attn\.(q|k|v|o)_proj\.(weight|bias)$", "mlp": r"\.mlp\.(gate|up|down)_proj\.(weight|bias)$",
+           "norm": r"norm\.weight$", "embed": r"embed_tokens\.weight$", "head": r"^lm_head\.weight$"}
+
+
+# METHOD: DRIFT's gradient edit (Eq. 3), one tensor at a time
+def drift_gradient(grad, delta, alpha, scale, delta_norm=None, absolute_factor=1.0, eps=1e-12):
+    """g~ = g + alpha * scale(g, Delta) (Huang et al. 2025, Eq. 3) for one parameter tensor.
+
+    grad = g (this micro-batch's gradient of the tensor), delta = Delta = theta_R - theta_T (Eq. 2), alpha = alpha
+    (paper: -1; the official code subtracts with +1, the same update), u = Delta / |Delta| (0 if |Delta| < eps):
+      absolute:  g + alpha * Delta                                (times absolute_factor: 1 / micro-batches per step)
+      gradnorm:  g + alpha * |g| * u
+      adaptive:  g + alpha * (1 + cos(g, Delta)) / 2 * |g| * u    cos over the flattened tensor, clamped to [-1, 1],
+                                                                   0 when a norm is < eps (paper's default variant)
+    With alpha = -1 the adaptive bias is strongest when the SFT step -g points away from theta_R (cos = 1: g~ = 0
+    if g is parallel to Delta) and vanishes when it already points toward it (cos = -1). Norms are per tensor.
+    Returns (g~ in grad's dtype, cos(g, Delta)); computed in fp32 (fp64 for fp64 input)."""
+    work = torch.promote_types(grad.dtype, torch.float32)  # fp32, or fp64 when given fp64
+    g, d = grad.to(work), delta.to(device=grad.device, dtype=work)
+    if scale == "absolute":
+        return (g + (alpha * absolute_factor) * d).to(grad.dtype), torch.zeros((), device=grad.device)
+    g_norm = torch.linalg.vector_norm(g)
+    d_norm = torch.linalg.vector_norm(d) if delta_norm is None else delta_norm.to(g.device)
+    ok = (g_norm > eps) & (d_norm > eps)
+    cos = torch.where(ok, (g * d).sum() / (g_norm * d_norm).clamp(min=eps), 0.0).clamp(-1.0, 1.0)
+    coef = alpha * (1 + cos) / 2 if scale == "adaptive" else torch.full_like(cos, alpha)
+    u_coef = torch.where(d_norm > eps, coef * g_norm / d_norm.clamp(min=eps), 0.0)
+    return (g + u_coef * d).to(grad.dtype), cos
+
+
+def select_tensors(model, args):
+    """Names of the parameters that get the bias; fails loudly when nothing matches (the official code then
+    silently trains plain SFT: it attaches no hook when module names differ)."""
+    import re
+    patterns = [PRESETS.get(t.strip(), t.strip()) for t in args.targets.split(",") if t.strip()]
+    names = []
+    for name, p in model.named_parameters():
+        layer = re.search(r"layers\.(\d+)\.", name)
+        if p.requires_grad and any(re.search(pat, name) for pat in patterns) and not (layer and int(layer[1]) < args.skip_first_n):
+            names.append(name)
+    if not names:
+        sample = ", ".join(n for n, _ in list(model.named_parameters())[:6])
+        raise common.UsageError(f"--targets {args.targets!r} (patterns {patterns}) matched no parameter of --model "
+                                f"{args.model!r}; its parameters are named like: {sample}, ...")
+    return names
+
+
+def build_prior(args, model, names, rt):
+    """Delta[name] = theta_R[name] - theta_T[name] (or - theta_prior_base[name]) in fp32, once, on --prior_device
+    in --prior_dtype; every expected tensor must exist with the same shape in the prior's checkpoints."""
+    params = dict(model.named_parameters())
+    device = rt.device if args.prior_device == "auto" else torch.device(args.prior_device)
+    reasoning = common.load_model(args.reasoning_model, "float32", "cpu", args.trust_remote_code)[0].state_dict()
+    base = common.load_model(args.prior_base, "float32", "cpu", args.trust_remote_code)[0].state_dict() if args.prior_base else None
+    problems = []
+    for source, state in [(args.reasoning_model, reasoning), (args.prior_base, base)]:
+        for name in names if state is not None else []:
+            if name not in state or state[name].shape != params[name].shape:
+                found = tuple(state[name].shape) if name in state else "missing"
+                problems.append(f"{source}: {name} expected {tuple(params[name].shape)}, found {found}")
+    if problems:
+        raise common.UsageError(f"the prior's checkpoints do not match --model ({len(problems)} tensors):\n  " + "\n  ".join(problems[:20]))
+    prior = {}
+    for name in names:
+        start = base[name] if base is not None else params[name].detach().float().cpu()
+        delta = reasoning[name] - start
+        if args.normalize_delta:  # the official code's default: |Delta| := |theta_T| per tensor
+            delta = delta * (torch.linalg.vector_norm(params[name].detach().float()).cpu() / torch.linalg.vector_norm(delta).clamp(min=1e-12))
+        prior[name] = (delta.to(device=device, dtype=common.DTYPES[args.prior_dtype]), torch.linalg.vector_norm(delta).to(rt.device))
+    return prior
+
+
+def attach_hooks(model, prior, args, micro_steps):
+    """One gradient hook per selected tensor (Parameter.register_hook: it edits the micro-batch's gradient before
+    it is accumulated into .grad, before DDP's all-reduce and before clipping, as the official code). Returns the
+    list the hooks append their cos(g, Delta) to, read and cleared by the training loop for logging."""
+    seen = []
+    params = dict(model.named_parameters())
+    for name, (delta, delta_norm) in prior.items():
+        def hook(grad, delta=delta, delta_norm=delta_norm):
+            new, cos = drift_gradient(grad, delta, args.alpha, args.scale, delta_norm, absolute_factor=1.0 / micro_steps)
+            seen.append(cos.detach())
+            return new
+        params[name].register_hook(hook)
+    print0(f"DRIFT: {args.scale} bias, alpha {args.alpha}, on {len(prior)} tensors "
+           f"({sum(d.numel() for d, _ in prior.values()) / 1e6:.2f}M weights; Delta on {next(iter(prior.values()))[0].device})")
+    return seen
+
+
+def parameter_drift(model, start, prior):
+    """cos(theta_t - theta_T, Delta) over all selected tensors (the spec's check: clearly > 0 under DRIFT, ~0 under
+    SFT), and the distance to theta_R relative to |Delta| (1 at the start)."""
+    params = dict(model.named_parameters())
+    moved = torch.cat([(params[n].detach().float().cpu() - start[n]).flatten() for n in prior])
+    delta = torch.cat([prior[n][0].float().cpu().flatten() for n in prior])
+    cos = (moved @ delta / (moved.norm() * delta.norm()).clamp(min=1e-12)).item()
+    return {"method/param_cos": cos, "method/distance_to_reasoning": ((delta - moved).norm() / delta.norm().clamp(min=1e-12)).item()}
+
+
+# COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
+def compute_loss(model, batch, args):
+    """Summed token cross-entropy of a micro-batch; the caller normalises by the global token count."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    loss_sum, logp = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
+                                                       chunk_size=args.chunk_size or None, compile=args.compile)
+    return loss_sum, {}
+
+
+def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
+    """Judge accuracy on every eval set plus held-out loss on the target set."""
+    results = {"step": step}
+    if not eval_sets:
+        return results
+    target = next(iter(eval_sets))  # loss first: FSDP must run the root's forward before anything else
+    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
+    with common.unsharded(loss_model):
+        for name, examples in eval_sets.items():
+            acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
+                                           batch_size=args.eval_batch_size, synced=args.fsdp)
+            results[f"eval/{name}/accuracy"] = acc["accuracy"]
+    return results
+
+
+def main(args):
+    # METHOD: bad flags fail before anything loads
+    if args.scale not in SCALES:
+        raise common.UsageError(f"--scale must be one of {', '.join(SCALES)}, got {args.scale!r}")
+    if args.prior_dtype not in ("float32", "bfloat16") or args.prior_device not in ("auto", "cpu"):
+        raise common.UsageError(f"--prior_dtype float32|bfloat16 and --prior_device auto|cpu, got {args.prior_dtype!r}, {args.prior_device!r}")
+    if args.fsdp:
+        raise common.UsageError("DRIFT biases each rank's whole-tensor gradient before the reduction; FSDP2 only exposes "
+                                "reduced shards. Use DDP (the paper's setting is ZeRO-2, i.e. replicated gradients)")
+    try:
+        merge_lambdas = [float(x) for x in args.merge_lambdas.split(",") if x.strip()]
+    except ValueError:
+        raise common.UsageError(f"--merge_lambdas: comma-separated numbers, got {args.merge_lambdas!r}") from None
+
+    # COMMON: seed, distributed
+    rt = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)  # identical init on every rank
+
+    # METHOD: the embedded default's two variants (base + SFT on code, base + SFT on math) are built once, ~9 min
+    defaults = Args()
+    if (args.model, args.reasoning_model) == (defaults.model, defaults.reasoning_model) and not os.path.isdir(args.model):
+        if rt.is_main:
+            print0("building the embedded world's variants: python world_pretrain.py variants (~9 min, once)")
+            import subprocess
+            import sys
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "world_pretrain.py"),
+                            "variants", os.path.dirname(os.path.dirname(args.model))], check=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # COMMON: model and tokenizer
+    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model.config.use_cache = False
+
+    # COMMON: data
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
+    eval_sets = {}
+    for pair in filter(None, args.eval_datasets.split(",")):
+        name, _, source = pair.partition("=")
+        if not source:
+            raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        eval_sets[name] = examples[: args.eval_samples or None]
+    micro = args.micro_batch_size or args.batch_size // rt.world_size
+    if args.batch_size % (micro * rt.world_size):
+        raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
+                         f"x {rt.world_size} processes")
+    schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+
+    # METHOD: the prior Delta (Eq. 2), once; the hooks that add the bias (Eq. 3) to every selected tensor's gradient
+    names = select_tensors(model, args)
+    prior = build_prior(args, model, names, rt)
+    start = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if n in prior}
+    seen_cos = attach_hooks(model, prior, args, micro_steps=args.batch_size // (micro * rt.world_size))
+
+    # COMMON: optimizer and schedule
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(args.warmup_ratio * args.steps))
+    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    start_step, resume = 0, args.resume
+    if resume == "auto":
+        resume = common.latest_checkpoint(args.output_dir) or ""
+    if resume:
+        start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
+        print0(f"resumed from {resume} at step {start_step}")
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
+    if args.eval_before and not resume:
+        logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
+    for lam in merge_lambdas if not resume else []:  # METHOD: the naive-merge baseline, theta_T + lambda * Delta
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in prior:
+                params[n].copy_(start[n].to(params[n]) + lam * prior[n][0].to(params[n]))
+        merged = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)
+        common.save_checkpoint(os.path.join(args.output_dir, f"merge_{lam:g}"), model, tokenizer, rt)
+        logger.log({"event": "eval_merge", "merge_lambda": lam, **merged})
+        with torch.no_grad():
+            for n in prior:
+                params[n].copy_(start[n])
+
+    # COMMON: training loop
+    loss_model.train()
+    t_start, tokens_seen = time.time(), 0
+    for step in range(start_step, args.steps):
+        t0 = time.time()
+        batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
+                   for ids in common.micro_batches(schedule[step], rt, micro)]
+        global_tokens = common.count_loss_tokens(batches)
+        loss_total, padded, real = torch.zeros((), device=rt.device), 0, 0
+        for i, batch in enumerate(batches):
+            with common.gradient_sync(loss_model, sync=i == len(batches) - 1):
+                loss_sum, metrics = loss_model(batch)
+                common.normalized_loss(loss_sum, global_tokens, rt.world_size).backward()
+            loss_total += loss_sum.detach()
+            padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # METHOD: mean cos(g, Delta) over this step's hook calls (tensors x micro-batches), and how many fired
+        metrics.update({"cos": torch.stack(seen_cos).mean().item()} if seen_cos else {}, hook_calls=len(seen_cos))
+        seen_cos.clear()
+
+        # COMMON: logging (the logged loss is the optimised loss: global token mean)
+        stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
+        tokens_seen += stats_t[1].item()
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
+                    "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
+                    **{f"method/{k}": v for k, v in metrics.items()}})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
+                                   optimizer, scheduler, {"step": step + 1}, args.fsdp)
+            common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
+
+    # COMMON: evaluate and save
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
+    final.update(parameter_drift(model, start, prior))  # METHOD: where training moved theta, relative to Delta
+    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen})
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    print0(f"saved {os.path.join(args.output_dir, 'final')}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(common.parse_args(Args))
+    except common.UsageError as err:
+        raise SystemExit(f"error: {err}") from None
