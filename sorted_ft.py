@@ -1,0 +1,349 @@
+"""Sorted Fine-Tuning (SoFT, "Sorted LLaMA"): sft.py trained through several depths at once, many models in one.
+
+Paper: Kavehzadeh et al. 2024, "Sorted LLaMA: Unlocking the Potential of Intermediate Layers of Large Language
+Models for Dynamic Inference", https://arxiv.org/abs/2309.08968 (v1: "... Using Sorted Fine-Tuning (SoFT)").
+
+Method:
+  Exit n reads the hidden state after the first n decoder layers through the model's own final norm and LM head
+  (no new parameters): z_n = W N(h_n). The loss is the mean over the exits of each exit's cross-entropy (Eq. 1),
+  every exit at every step, each through the fused loss. Any prefix of the trained model is then a usable model.
+
+Usage:
+    python sorted_ft.py                             # embedded world (4 layers): exits after layers 1, 2, 3, 4
+    python sorted_ft.py --exits 4                   # only the last exit: exactly sft.py
+    torchrun --nproc_per_node 8 sorted_ft.py --model meta-llama/Llama-2-13b-hf --dataset tatsu-lab/alpaca \
+        --exits 12,16,20,24,28,32,36,40 --dtype bfloat16 --lr 2e-5 --batch_size 256 --steps 400
+    # a sub-model is an ordinary model: AutoModelForCausalLM.from_pretrained("runs/sorted_ft/final", num_hidden_layers=n)
+"""
+import contextlib
+import dataclasses
+import os
+import time
+
+import torch
+
+import common
+from common import print0
+
+
+@dataclasses.dataclass
+class Args:
+    # COMMON: the same block in every script
+    model: str = os.path.join(common.WORLD_DIR, "base")
+    """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
+    dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
+    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
+        ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
+        ("knowledge", "knowledge", "test")])
+    """comma-separated name=source pairs scored by the task judges; the first is the target task"""
+    eval_split: str = "test"
+    """split of hub eval datasets"""
+    output_dir: str = "runs/sorted_ft"
+    """where checkpoints, the final model and metrics.jsonl go"""
+    seed: int = 0
+    """seed of data order, sampling and evaluation"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (parameters and compute)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    max_length: int = 512
+    """tokens per sample (prompt + response)"""
+    overlong: str = "truncate"
+    """what to do with samples over max_length: truncate | drop (both counted and reported)"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 32
+    """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
+    micro_batch_size: int = 0
+    """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
+    warmup_ratio: float = 0.05
+    """fraction of steps of linear warm-up, then cosine decay to 10%"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    chunk_size: int = 0
+    """tokens per chunk of the fused loss; 0 = sized for a 150 MiB logits buffer"""
+    compile: bool = True
+    """compile the fused loss's per-chunk function with torch.compile"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    save_every: int = 50
+    """checkpoint every N steps (0 = only the final model)"""
+    keep_checkpoints: int = 2
+    """keep the newest N checkpoints (0 = all)"""
+    resume: str = ""
+    """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
+    eval_samples: int = 100
+    """prompts per eval dataset (0 = all)"""
+    eval_before: bool = True
+    """also evaluate the starting model"""
+    max_new_tokens: int = 64
+    """generation budget per eval answer"""
+    eval_batch_size: int = 50
+    """prompts per generation batch"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off unless asked)"""
+
+    # METHOD: SoFT
+    exits: str = ""
+    """comma-separated depths n of the exits (the last layer L is always one); the paper uses 12,16,...,40 of L = 40"""
+    exit_every: int = 0
+    """with --exits empty: an exit after every k layers; 0 = every quarter of the depth"""
+    eval_exits: str = ""
+    """comma-separated depths evaluated as sub-models; empty = the training exits (set it to read an SFT model's layers)"""
+    exit_threshold: float = 0.9
+    """confidence-threshold early exit at the final evaluation: emit at the first exit whose max softmax prob >= this (paper: 0.95-0.7)"""
+    early_exit_prompts: int = 50
+    """target-set prompts decoded one at a time (batch 1) for the early-exit and sub-model speed test (0 = off)"""
+
+
+# METHOD: the exits and the SoFT loss (Eq. 1)
+def exit_depths(args, num_layers, spec=None):
+    """Sorted, unique exit depths in 1..L (from --exits, or `spec`), always ending with L."""
+    spec = args.exits if spec is None else spec
+    if spec:
+        depths = sorted({int(x) for x in spec.split(",")} | {num_layers})
+    else:
+        k = args.exit_every or max(1, num_layers // 4)
+        depths = sorted(set(range(k, num_layers + 1, k)) | {num_layers})
+    if depths[0] < 1 or depths[-1] > num_layers:
+        raise common.UsageError(f"exits {spec!r}: depths must be in 1..{num_layers} (the model's layers)")
+    return depths
+
+
+def sorted_loss(exit_hidden, head, labels, chunk_size=None, compile=True):
+    """L_SoFT = (1/|B|) sum_{n in B} CE(W N(h_n), y) (Kavehzadeh et al. 2024, Eq. 1; the text says "sum", the
+    equation divides by |B|: we use the mean).
+
+    exit_hidden = [N(h_n) for n in B], each already through the final norm N exactly once; head = W, the shared
+    LM head [V, H]; labels = y. Each exit's summed token cross-entropy comes from the fused loss, so no exit's
+    [tokens x V] logits exist. Returns (mean over exits of the summed losses, [per-exit summed loss])."""
+    per_exit = [common.fused_linear_cross_entropy(h, head, labels, chunk_size=chunk_size, compile=compile)[0]
+                for h in exit_hidden]
+    return torch.stack(per_exit).mean(), per_exit
+
+
+@contextlib.contextmanager
+def truncated(model, n):
+    """The model cut to its first n layers, in place: Hugging Face decoders run `layers[:config.num_hidden_layers]`
+    and then the final norm, which is exactly exit n (and what from_pretrained(..., num_hidden_layers=n) builds)."""
+    full = model.config.num_hidden_layers
+    model.config.num_hidden_layers = n
+    try:
+        yield model
+    finally:
+        model.config.num_hidden_layers = full
+
+
+@torch.no_grad()
+def early_exit_decode(model, prompt_ids, thresholds: dict, max_new_tokens: int, stop_ids):
+    """Greedy decoding of one prompt with confidence-threshold early exit (the paper's "instance-aware dynamic
+    inference", Sec. 4.3): per token, run the layers in order; at exit n emit argmax W N(h_n) if its softmax
+    probability is >= thresholds[n], else go on; the last layer always emits.
+    KV cache (our choice; the paper's "adaptive caching" is not described): a token that exits at n has no keys
+    and values in layers > n yet. They are computed exactly, later, when a token goes deeper: each layer keeps
+    the inputs it has not processed and runs them together with the new one (lazy catch-up). So thresholds > 1 give
+    the full model's greedy tokens and threshold 0 at exit n gives the n-layer sub-model's.
+    Returns (token ids, exit depth of each, layer-token forwards run)."""
+    from transformers import DynamicCache
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    layers = decoder.layers[: model.config.num_hidden_layers]
+    cache = DynamicCache(config=model.config)
+    pending = [None] * (len(layers) + 1)  # pending[m]: inputs of layer m not yet run through it
+    done = [0] * len(layers)              # positions whose keys/values layer m has
+    pending[0] = decoder.embed_tokens(prompt_ids[None])
+    tokens, depths, work = [], [], 0
+    for _ in range(max_new_tokens):
+        for m, layer in enumerate(layers):
+            x, pending[m] = pending[m], None
+            k, p = x.shape[1], done[m]
+            position = torch.arange(p, p + k, device=x.device)[None]
+            mask = torch.full((k, p + k), float("-inf"), device=x.device, dtype=x.dtype).triu(p + 1)[None, None]
+            x = layer(x, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                      position_embeddings=decoder.rotary_emb(x, position_ids=position))
+            done[m], work = p + k, work + k
+            pending[m + 1] = x if pending[m + 1] is None else torch.cat([pending[m + 1], x], 1)
+            if m + 1 in thresholds or m + 1 == len(layers):
+                prob, token = head(decoder.norm(x[:, -1])).float().softmax(-1).max(-1)
+                if m + 1 == len(layers) or prob.item() >= thresholds[m + 1]:
+                    break
+        pending[len(layers)] = None
+        tokens.append(token.item())
+        depths.append(m + 1)
+        if token.item() in stop_ids:
+            break
+        pending[0] = decoder.embed_tokens(token[None])
+    return tokens, depths, work
+
+
+def early_exit_report(model, tokenizer, examples, depths, args, rt):
+    """Accuracy, tokens/s and mean exit depth of batch-1 greedy decoding on this rank's share of the prompts:
+    the full model, each sub-model alone and the confidence-threshold exit, all through early_exit_decode."""
+    stops = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    mine = examples[: args.early_exit_prompts][rt.rank::rt.world_size]
+    settings = {"full": {}, **{f"exit{n}": {n: 0.0} for n in depths[:-1]}, "threshold": {n: args.exit_threshold for n in depths[:-1]}}
+    results = {}
+    was_training = model.training
+    model.eval()
+    for name, thresholds in settings.items():
+        passed = tokens = exit_sum = 0
+        t0 = time.time()
+        for e in mine:
+            ids = tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+            out, exits, _ = early_exit_decode(model, torch.tensor(ids, device=rt.device), thresholds, args.max_new_tokens, stops)
+            text = tokenizer.decode([t for t in out if t not in stops], skip_special_tokens=True)
+            passed += common.JUDGES[e["task"]](text, e["reference"])[0]
+            tokens, exit_sum = tokens + len(out), exit_sum + sum(exits)
+        t = common.all_reduce_sum(torch.tensor([float(passed), float(len(mine)), float(tokens), float(exit_sum), time.time() - t0]))
+        results.update({f"method/{name}/accuracy": t[0].item() / max(t[1].item(), 1), f"method/{name}/tokens_per_s": t[2].item() / t[4].item(),
+                        f"method/{name}/mean_exit_layer": t[3].item() / max(t[2].item(), 1)})
+    for name in settings:
+        results[f"method/{name}/speedup"] = results[f"method/{name}/tokens_per_s"] / results["method/full/tokens_per_s"]
+    model.train(was_training)
+    return results
+
+
+# COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
+def compute_loss(model, batch, args, depths=()):
+    """Summed SoFT loss of a micro-batch (mean over exits of each exit's summed token cross-entropy); the caller
+    normalises by the global token count. The held-out loss (no grad) is the current model's plain cross-entropy."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    # METHOD: hidden_states[n] is block n's output before the final norm, except the last entry, which Hugging Face
+    # returns already normalised (= last_hidden_state): norm exits n < L once, and never renorm the last one
+    last = model.config.num_hidden_layers
+    exits = [n for n in depths if n < last] if torch.is_grad_enabled() else []
+    exit_hidden = [decoder.norm(out.hidden_states[n]) for n in exits] + [out.last_hidden_state]
+    loss_sum, per_exit = sorted_loss(exit_hidden, model.get_output_embeddings().weight, batch["targets"],
+                                     chunk_size=args.chunk_size or None, compile=args.compile)
+    n = (batch["targets"] != common.IGNORE_INDEX).sum().clamp(min=1)
+    return loss_sum, {f"exit{d}/ce": (x.detach() / n).item() for d, x in zip(exits + [last], per_exit)}
+
+
+def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
+    """Judge accuracy on every eval set plus held-out loss on the target set."""
+    results = {"step": step}
+    if not eval_sets:
+        return results
+    target = next(iter(eval_sets))  # loss first: FSDP must run the root's forward before anything else
+    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
+    with common.unsharded(loss_model):
+        for name, examples in eval_sets.items():
+            acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
+                                           batch_size=args.eval_batch_size, synced=args.fsdp)
+            results[f"eval/{name}/accuracy"] = acc["accuracy"]
+    # METHOD: every exit n < L on the target set (loss and accuracy of the model truncated to n layers)
+    depths = exit_depths(args, model.config.num_hidden_layers, args.eval_exits or None)
+    for n in depths[:-1]:
+        with truncated(model, n):
+            results[f"eval/{target}/exit{n}/loss"] = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)["loss"]
+            with common.unsharded(loss_model):
+                results[f"eval/{target}/exit{n}/accuracy"] = common.evaluate_accuracy(
+                    model, tokenizer, eval_sets[target], rt, args.max_new_tokens, batch_size=args.eval_batch_size, synced=args.fsdp)["accuracy"]
+    if step == args.steps and args.early_exit_prompts and not args.fsdp:  # FSDP: batch-1 decoding per rank is not synced
+        results.update(early_exit_report(model, tokenizer, eval_sets[target], depths, args, rt))
+    return results
+
+
+def main(args):
+    # COMMON: seed, distributed
+    rt = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)  # identical init on every rank
+
+    # COMMON: model and tokenizer
+    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model.config.use_cache = False
+
+    # COMMON: data
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
+    eval_sets = {}
+    for pair in filter(None, args.eval_datasets.split(",")):
+        name, _, source = pair.partition("=")
+        if not source:
+            raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        eval_sets[name] = examples[: args.eval_samples or None]
+    micro = args.micro_batch_size or args.batch_size // rt.world_size
+    if args.batch_size % (micro * rt.world_size):
+        raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
+                         f"x {rt.world_size} processes")
+    schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+
+    # METHOD: the exits
+    depths = exit_depths(args, model.config.num_hidden_layers)
+    print0(f"SoFT: exits after layers {depths} of {model.config.num_hidden_layers}, all every step")
+
+    # COMMON: optimizer and schedule
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args, depths), rt, args.fsdp)
+    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(args.warmup_ratio * args.steps))
+    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    start_step, resume = 0, args.resume
+    if resume == "auto":
+        resume = common.latest_checkpoint(args.output_dir) or ""
+    if resume:
+        start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
+        print0(f"resumed from {resume} at step {start_step}")
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
+    if args.eval_before and not resume:
+        logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
+
+    # COMMON: training loop
+    loss_model.train()
+    t_start, tokens_seen = time.time(), 0
+    for step in range(start_step, args.steps):
+        t0 = time.time()
+        batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
+                   for ids in common.micro_batches(schedule[step], rt, micro)]
+        global_tokens = common.count_loss_tokens(batches)
+        loss_total, padded, real = torch.zeros((), device=rt.device), 0, 0
+        for i, batch in enumerate(batches):
+            with common.gradient_sync(loss_model, sync=i == len(batches) - 1):
+                loss_sum, metrics = loss_model(batch)
+                common.normalized_loss(loss_sum, global_tokens, rt.world_size).backward()
+            loss_total += loss_sum.detach()
+            padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # COMMON: logging (the logged loss is the optimised loss: global token mean)
+        stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
+        tokens_seen += stats_t[1].item()
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
+                    "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
+                    **{f"method/{k}": v for k, v in metrics.items()}})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
+                                   optimizer, scheduler, {"step": step + 1}, args.fsdp)
+            common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
+
+    # COMMON: evaluate and save
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
+    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen})
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    print0(f"saved {os.path.join(args.output_dir, 'final')}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(common.parse_args(Args))
+    except common.UsageError as err:
+        raise SystemExit(f"error: {err}") from None

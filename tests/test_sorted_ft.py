@@ -1,0 +1,164 @@
+"""SoFT: exits against truncated models and full logits, the double-norm trap, the loss composition and its
+gradients, early-exit decoding against slow references, and the script (--exits L is sft.py)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+
+import common
+import sft
+import sorted_ft
+from scripts import losses, records, run_script
+from test_train import GOLDEN, QUICK
+
+BASE = os.path.join(common.WORLD_DIR, "base")
+
+
+@pytest.fixture(scope="module")
+def world():
+    model, tok = common.load_model(BASE)
+    args = sorted_ft.Args(compile=False)
+    train, _ = common.load_sft_data(args.dataset, tok, 512, limit=6)
+    batch = common.collate(train, [0, 1, 2, 3, 4, 5], tok.pad_token_id, "cpu")  # padded: lengths differ
+    assert (batch["attention_mask"] == 0).any()
+    return model, tok, args, batch
+
+
+def exit_logits(model, batch, n):
+    """Exit n as the training loss reads it: hidden state after n blocks, final norm (once), shared head."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = out.last_hidden_state if n == model.config.num_hidden_layers else model.get_decoder().norm(out.hidden_states[n])
+    return model.get_output_embeddings()(hidden)
+
+
+def test_default_exits_are_every_quarter_and_always_end_at_the_last_layer():
+    args = sorted_ft.Args()
+    assert sorted_ft.exit_depths(args, 4) == [1, 2, 3, 4]
+    assert sorted_ft.exit_depths(args, 40) == [10, 20, 30, 40]
+    assert sorted_ft.exit_depths(sorted_ft.Args(exit_every=3), 8) == [3, 6, 8]
+    assert sorted_ft.exit_depths(sorted_ft.Args(exits="12,16,20,24,28,32,36"), 40) == [12, 16, 20, 24, 28, 32, 36, 40]
+    assert sorted_ft.exit_depths(sorted_ft.Args(exits="4"), 4, "1,3") == [1, 3, 4]  # --eval_exits
+    with pytest.raises(common.UsageError, match="depths must be in 1..4"):
+        sorted_ft.exit_depths(sorted_ft.Args(exits="0,2"), 4)
+
+
+@torch.no_grad()
+def test_each_exit_equals_the_truncated_from_pretrained_model(world):
+    model, _, _, batch = world
+    mask = batch["attention_mask"].bool()
+    for n in range(1, model.config.num_hidden_layers + 1):
+        small = transformers.AutoModelForCausalLM.from_pretrained(BASE, num_hidden_layers=n)
+        want = small(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(exit_logits(model, batch, n)[mask], want[mask], atol=1e-4, rtol=1e-4)
+        with sorted_ft.truncated(model, n):  # what evaluation and generation use
+            torch.testing.assert_close(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask],
+                                       want[mask], atol=1e-4, rtol=1e-4)
+    assert model.config.num_hidden_layers == 4
+
+
+@torch.no_grad()
+def test_last_exit_is_the_model_output_normalised_once(world):
+    model, _, _, batch = world
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(exit_logits(model, batch, 4), full)
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    twice = model.get_output_embeddings()(model.get_decoder().norm(out.hidden_states[-1]))  # the trap: already normalised
+    assert not torch.allclose(twice, full, atol=1e-3)
+
+
+def test_loss_is_the_mean_of_per_exit_cross_entropies_and_gradients_nest(world):
+    model, _, args, batch = world
+    loss, metrics = sorted_ft.compute_loss(model, batch, args, depths=[1, 2, 3, 4])
+    mask = batch["targets"] != common.IGNORE_INDEX
+    per_exit = [F.cross_entropy(exit_logits(model, batch, n)[mask], batch["targets"][mask], reduction="sum") for n in (1, 2, 3, 4)]
+    torch.testing.assert_close(loss, torch.stack(per_exit).mean(), rtol=1e-5, atol=1e-4)
+    for n, value in zip((1, 2, 3, 4), per_exit):
+        assert metrics[f"exit{n}/ce"] == pytest.approx(value.item() / mask.sum().item(), rel=1e-5)
+    model.zero_grad()
+    sorted_ft.sorted_loss([model.get_decoder().norm(model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[2])],
+        model.get_output_embeddings().weight, batch["targets"], compile=False)[0].backward()
+    layers = model.get_decoder().layers
+    assert all(p.grad is None or not p.grad.any() for layer in layers[2:] for p in layer.parameters())  # blocks 3, 4: nothing
+    assert all(p.grad is not None and p.grad.any() for layer in layers[:2] for p in layer.parameters())
+    assert model.get_decoder().norm.weight.grad.any() and model.get_output_embeddings().weight.grad.any()
+    model.zero_grad()
+
+
+def test_only_the_last_exit_has_sft_py_loss_and_gradients(world):
+    model, _, args, batch = world
+    grads = []
+    for loss_fn in (lambda: sorted_ft.compute_loss(model, batch, args, depths=[4]), lambda: sft.compute_loss(model, batch, args)):
+        model.zero_grad()
+        loss, _ = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    assert torch.equal(grads[0][0], grads[1][0]) and all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def slow_early_exit(model, prompt, thresholds, max_new_tokens, stops):
+    """Reference: recompute the whole sequence without a cache for every token; emit at the first exit whose top
+    probability passes its threshold."""
+    ids, tokens, depths = list(prompt), [], []
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids])
+        hs = model.get_decoder()(input_ids=x, output_hidden_states=True).hidden_states
+        for n in range(1, 5):
+            h = hs[n][:, -1] if n == 4 else model.get_decoder().norm(hs[n][:, -1])
+            prob, token = model.get_output_embeddings()(h).softmax(-1).max(-1)
+            if n == 4 or (n in thresholds and prob.item() >= thresholds[n]):
+                break
+        tokens.append(token.item())
+        depths.append(n)
+        if token.item() in stops:
+            break
+        ids.append(token.item())
+    return tokens, depths
+
+
+@torch.no_grad()
+def test_early_exit_decoding_is_exact(world):
+    model, tok, _, _ = world
+    model.eval()
+    examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", "math", "test.jsonl"), tok, 512, split="test", limit=3)
+    stops = {tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    mixed = 0
+    for e in examples:
+        prompt = tok.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        full, depths, _ = sorted_ft.early_exit_decode(model, torch.tensor(prompt), {1: 2.0, 2: 2.0, 3: 2.0}, 24, stops)
+        assert set(depths) == {4}
+        assert tok.decode([t for t in full if t not in stops], skip_special_tokens=True) == common.generate(model, tok, [e["messages"][:-1]], 24, batch_size=1)[0]
+        first, depths, _ = sorted_ft.early_exit_decode(model, torch.tensor(prompt), {1: 0.0}, 24, stops)
+        with sorted_ft.truncated(model, 1):
+            assert tok.decode([t for t in first if t not in stops], skip_special_tokens=True) == common.generate(model, tok, [e["messages"][:-1]], 24, batch_size=1)[0]
+        assert set(depths) == {1}
+        thresholds = {1: 0.9, 2: 0.6, 3: 0.5}
+        out, depths, _ = sorted_ft.early_exit_decode(model, torch.tensor(prompt), thresholds, 24, stops)
+        want, want_depths = slow_early_exit(model, prompt, thresholds, 24, stops)
+        assert out == want and depths == want_depths
+        mixed += len(set(depths)) > 1
+    assert mixed  # the catch-up path (tokens after an early exit that go deeper) was exercised
+
+
+def test_script_logs_the_optimised_mean_saves_a_plain_model_and_last_exit_only_is_sft(tmp_path):
+    run_script("sorted_ft.py", tmp_path / "soft", *QUICK, "--eval_datasets", f"math={os.path.join(common.WORLD_DIR, 'data', 'math', 'test.jsonl')}",
+               "--eval_samples", "4", "--eval_before", "false", "--early_exit_prompts", "2", "--max_new_tokens", "8")
+    steps = [r for r in records(tmp_path / "soft") if "loss" in r]
+    for r in steps:  # one micro-batch per step: the logged loss is exactly the mean of the exits' token means
+        assert r["loss"] == pytest.approx(sum(r[f"method/exit{n}/ce"] for n in (1, 2, 3, 4)) / 4, rel=1e-5)
+    end = next(r for r in records(tmp_path / "soft") if r.get("event") == "eval_after")
+    assert all(f"eval/math/exit{n}/accuracy" in end and f"eval/math/exit{n}/loss" in end for n in (1, 2, 3))
+    assert end["eval/math/exit1/loss"] > end["eval/math/exit3/loss"] > end["eval/math/loss"]
+    assert end["method/full/mean_exit_layer"] == 4 and end["method/exit1/mean_exit_layer"] == 1
+    saved, base = load_file(os.path.join(tmp_path, "soft", "final", "model.safetensors")), load_file(os.path.join(BASE, "model.safetensors"))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}  # no new parameters
+    run_script("sorted_ft.py", tmp_path / "last", *QUICK, "--exits", "4", "--eval_exits", "2", "--eval_datasets",
+               f"math={os.path.join(common.WORLD_DIR, 'data', 'math', 'test.jsonl')}", "--eval_samples", "4", "--early_exit_prompts", "0")
+    assert losses(tmp_path / "last") == pytest.approx(GOLDEN, abs=1e-4)
+    last = records(tmp_path / "last")
+    assert not any("method/exit2/ce" in r for r in last)  # trained through the last exit only, evaluated at layer 2 too
+    assert "eval/math/exit2/loss" in next(r for r in last if r.get("event") == "eval_after")
