@@ -4,7 +4,7 @@
     python benchmark.py train    # sft.py tokens/s vs TRL SFTTrainer, same model, data and batch
     python benchmark.py loss --shapes 2048x256x32000 --reps 3
     python benchmark.py generate # common.generate batched vs one prompt at a time, and the judges' cost per sample
-    python benchmark.py objectives  # step time of DFT / ASFT / OTR relative to sft.py on the same batch
+    python benchmark.py objectives  # step time of DFT / ASFT / OTR / DRIFT / SoFT relative to sft.py on the same batch
 
 Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
 median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
@@ -226,25 +226,38 @@ def bench_objectives(args):
     import copy
     import torch
     sys.path.insert(0, ROOT)
+    import tempfile
     import asft
     import common
+    import drift
     import otr
     import sft
+    import sorted_ft
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     base, tokenizer = common.load_model(os.path.join(common.WORLD_DIR, "base"))
+    reasoning = tempfile.mkdtemp()  # DRIFT's theta_R: any model of the same shapes times the same
+    copy.deepcopy(base).save_pretrained(reasoning)
+    tokenizer.save_pretrained(reasoning)
+    base = base.to(device)
     train, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl"), tokenizer, 512,
                                     limit=args.batch_size)
-    batch = common.collate(train, list(range(args.batch_size)), tokenizer.pad_token_id, "cpu")
-    rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
+    batch = common.collate(train, list(range(args.batch_size)), tokenizer.pad_token_id, device)
+    rt = common.Runtime(0, 0, 1, device, True)
     methods = {"sft.py": (sft, sft.Args(), None), "asft.py --mode dft": (asft, asft.Args(mode="dft"), None),
                "otr.py": (otr, otr.Args(), None), "otr.py --estimator exact": (otr, otr.Args(estimator="exact"), None),
-               "asft.py (ASFT)": (asft, asft.Args(), "reference"), "asft.py --mode sft+kl": (asft, asft.Args(mode="sft+kl"), "reference")}
+               "asft.py (ASFT)": (asft, asft.Args(), "reference"), "asft.py --mode sft+kl": (asft, asft.Args(mode="sft+kl"), "reference"),
+               "drift.py": (drift, drift.Args(model=reasoning, reasoning_model=reasoning), "prior"),
+               "sorted_ft.py (4 exits)": (sorted_ft, sorted_ft.Args(), "exits")}
     runs = {}
     for name, (module, margs, ref) in methods.items():
         model = copy.deepcopy(base)
-        extra = (asft.load_reference(margs, model, tokenizer, rt),) if ref else ()
-        b = dict(batch, uniforms=otr.rollout_uniforms(batch, range(args.batch_size), 0, margs)) if module is otr else batch
+        extra = (asft.load_reference(margs, model, tokenizer, rt),) if ref == "reference" else ()
+        if ref == "prior":  # the hooks on the 28 projection weights, Delta on the training device
+            drift.attach_hooks(model, drift.build_prior(margs, model, drift.select_tensors(model, margs), rt), margs, 1)
+        extra = (sorted_ft.exit_depths(margs, model.config.num_hidden_layers),) if ref == "exits" else extra
+        b = dict(batch, uniforms=otr.rollout_uniforms(batch, range(args.batch_size), 0, margs).to(device)) if module is otr else batch
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         tokens = common.count_loss_tokens([b])
 
@@ -256,41 +269,51 @@ def bench_objectives(args):
         runs[name] = (step, [])
         for _ in range(2):  # warm-up, compile included
             step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.reps):
         for name, (step, times) in runs.items():
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             times.append(time.perf_counter() - t0)
     base_time = statistics.median(runs["sft.py"][1])
     n, h, v = map(int, args.loss_shape.split("x"))
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(n, h, generator=g) / h**0.5).requires_grad_()
-    w = (torch.randn(v, h, generator=g) * 0.02).requires_grad_()
-    x_ref, w_ref = torch.randn(n, h, generator=g) / h**0.5, torch.randn(v, h, generator=g) * 0.02
-    y = torch.randint(0, v, (n,), generator=g)
-    u = torch.rand(n, 256, generator=g)
-    scal = lambda *a: tuple(torch.tensor(float(t)) for t in a)
+    x = (torch.randn(n, h, generator=g) / h**0.5).to(device).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * 0.02).to(device).requires_grad_()
+    x_ref, w_ref = (torch.randn(n, h, generator=g) / h**0.5).to(device), (torch.randn(v, h, generator=g) * 0.02).to(device)
+    y = torch.randint(0, v, (n,), generator=g).to(device)
+    u = torch.rand(n, 256, generator=g).to(device)
+    scal = lambda *a: tuple(torch.tensor(float(t), device=device) for t in a)
     losses = {"sft.py": (common.cross_entropy_objective, (), ()), "asft.py --mode dft": (asft.dft_objective, (), ()),
               "otr.py": (otr.otr_objective, (u,), scal(1.3, -0.1)), "otr.py --estimator exact": (otr.otr_expected_objective, (), scal(1.3, -0.1)),
               "asft.py (ASFT)": (asft.asft_objective, (x_ref,), (w_ref, *scal(0.05, 1))),
-              "asft.py --mode sft+kl": (asft.asft_objective, (x_ref,), (w_ref, *scal(0.05, 0)))}
+              "asft.py --mode sft+kl": (asft.asft_objective, (x_ref,), (w_ref, *scal(0.05, 0))),
+              "drift.py": (common.cross_entropy_objective, (), ()), "sorted_ft.py (4 exits)": None}
     loss_times = {}
-    for name, (objective, inputs, constants) in losses.items():
-        def call():
-            loss = common.fused_linear_cross_entropy(x, w, y, objective=objective, token_inputs=inputs, constants=constants)[0]
+    for name, spec in losses.items():
+        def call(spec=spec):
+            if spec is None:  # SoFT: the same head read at 4 exits (4 hidden states, each through the fused loss)
+                loss = sorted_ft.sorted_loss([x * (1 + 0.1 * i) for i in range(4)], w, y)[0]
+            else:
+                objective, inputs, constants = spec
+                loss = common.fused_linear_cross_entropy(x, w, y, objective=objective, token_inputs=inputs, constants=constants)[0]
             loss.backward()
             x.grad = w.grad = None
         call()
         times = []
         for _ in range(max(2, args.reps // 4)):
+            sync()
             t0 = time.perf_counter()
             call()
+            sync()
             times.append(time.perf_counter() - t0)
         loss_times[name] = statistics.median(times)
         print(f"  loss {name}: {loss_times[name]:.2f} s", flush=True)
     print(f"\nStep time relative to sft.py: embedded world (3M Llama, V 2,044), batch {args.batch_size} math samples "
           f"({int(tokens.item())} loss tokens), median of {args.reps} round-robin steps; fused loss alone (fwd + bwd) "
-          f"at N x H x V = {args.loss_shape}; fp32, {args.threads} threads")
+          f"at N x H x V = {args.loss_shape}; fp32, {device.type} ({args.threads} threads)")
     print("| script | step (ms) | step / sft.py | loss alone (s) | loss / sft.py |")
     print("|---|---|---|---|---|")
     for name, (_, times) in runs.items():
@@ -318,5 +341,6 @@ if __name__ == "__main__":
     parser.add_argument("--gen_batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--loss_shape", default="512x896x151936", help="objectives: NxHxV of the loss-alone timing")
+    parser.add_argument("--device", default="cpu", help="objectives: cpu | cuda")
     a = parser.parse_args()
     {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives}[a.what](a)

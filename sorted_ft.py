@@ -17,6 +17,7 @@ Usage:
 """
 import contextlib
 import dataclasses
+import inspect
 import os
 import time
 
@@ -153,6 +154,7 @@ def early_exit_decode(model, prompt_ids, thresholds: dict, max_new_tokens: int, 
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     layers = decoder.layers[: model.config.num_hidden_layers]
     cache = DynamicCache(config=model.config)
+    cache_arg = "cache" if "cache" in inspect.signature(layers[0].forward).parameters else "past_key_values"  # 5.x
     pending = [None] * (len(layers) + 1)  # pending[m]: inputs of layer m not yet run through it
     done = [0] * len(layers)              # positions whose keys/values layer m has
     pending[0] = decoder.embed_tokens(prompt_ids[None])
@@ -163,7 +165,7 @@ def early_exit_decode(model, prompt_ids, thresholds: dict, max_new_tokens: int, 
             k, p = x.shape[1], done[m]
             position = torch.arange(p, p + k, device=x.device)[None]
             mask = torch.full((k, p + k), float("-inf"), device=x.device, dtype=x.dtype).triu(p + 1)[None, None]
-            x = layer(x, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+            x = layer(x, attention_mask=mask, position_ids=position, use_cache=True, **{cache_arg: cache},
                       position_embeddings=decoder.rotary_emb(x, position_ids=position))
             done[m], work = p + k, work + k
             pending[m + 1] = x if pending[m + 1] is None else torch.cat([pending[m + 1], x], 1)
