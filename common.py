@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ def parse_args(args_class):
 
 
 def setup_distributed(device: str = "auto") -> Runtime:
-    """Read torchrun's environment; init gloo on CPU, nccl on GPU. Single process needs no torchrun."""
+    """Read torchrun's environment; init gloo on CPU, nccl (+ gloo for CPU tensors) on GPU, also for one torchrun
+    process (FSDP needs a group). Single process needs no torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
@@ -63,8 +65,9 @@ def setup_distributed(device: str = "auto") -> Runtime:
     dev = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
+        # on GPU: nccl for CUDA tensors and gloo for the few CPU ones (log statistics, gathered eval shards)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return Runtime(rank, local_rank, world, dev, rank == 0)
 
 
@@ -355,7 +358,7 @@ def _chunk_step(objective, logits, labels, weights, *inputs):
     return out
 
 
-_COMPILED = {}
+_COMPILED, _EAGER = {}, set()
 
 
 def _chunk_fn(objective, compile: bool):
@@ -366,7 +369,22 @@ def _chunk_fn(objective, compile: bool):
         # sharing one wrapper would push each other past it into a silent eager fallback
         step = lambda *a: _chunk_step(objective, *a)
         code = step.__code__.replace(co_name=f"chunk_step_{getattr(objective, '__name__', 'objective')}")
-        _COMPILED[objective] = torch.compile(types.FunctionType(code, step.__globals__, closure=step.__closure__), dynamic=False)
+        compiled = torch.compile(types.FunctionType(code, step.__globals__, closure=step.__closure__), dynamic=False)
+
+        def run(*a):
+            # a compiler bug must not stop training: warn once and run this objective eagerly (an error of the
+            # objective itself is raised again by the eager call). Seen: Inductor on CUDA, OTR's sampler in fp32
+            if objective in _EAGER:
+                return _chunk_step(objective, *a)
+            try:
+                return compiled(*a)
+            except Exception as err:
+                _EAGER.add(objective)
+                lines = str(err).strip().splitlines() or [""]
+                reason = next((line for line in lines if "Error" in line), lines[0])[:200]
+                warnings.warn(f"torch.compile failed for {code.co_name} ({type(err).__name__}: {reason}); running it eagerly")
+                return _chunk_step(objective, *a)
+        _COMPILED[objective] = run
     return _COMPILED[objective]
 
 

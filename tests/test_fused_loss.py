@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 from common import IGNORE_INDEX, cross_entropy_objective, fused_linear_cross_entropy
 
 
@@ -191,3 +192,22 @@ def test_every_objective_is_compiled_however_many_share_a_process():
         for n in (300, 171):  # a full-size chunk and a remainder
             fused_linear_cross_entropy(x[:n], w, y[:n], objective=objective, chunk_size=128)[0].backward()
         assert counters["stats"]["unique_graphs"] > before, f"objective {i} ran eager"
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    """Inductor bugs exist (OTR's sampler in fp32 on CUDA, torch 2.11): the objective then runs eagerly, same values."""
+    def objective(logits, labels, weights):  # a fresh objective, so nothing compiled is cached for it
+        return common.cross_entropy_objective(logits, labels, weights)
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("InductorError: simulated")
+        return run
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(20, 8, generator=g).requires_grad_(), torch.randn(30, 8, generator=g)
+    y = torch.randint(0, 30, (20,), generator=g)
+    want = common.fused_linear_cross_entropy(h, w, y, objective=objective, compile=False)[0]
+    monkeypatch.setattr(common.torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed for chunk_step_objective .*simulated.*running it eagerly"):
+        got = common.fused_linear_cross_entropy(h, w, y, objective=objective, compile=True)[0]
+    assert torch.equal(got, want)
+    common.fused_linear_cross_entropy(h, w, y, objective=objective, compile=True)  # later calls: eager, no new warning
