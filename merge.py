@@ -1,0 +1,383 @@
+"""Model merging: uniform and greedy soups, task arithmetic, TIES, DARE, SLERP and LiNeS, streamed tensor by tensor.
+
+Papers: model soups, Wortsman et al. 2022, https://arxiv.org/abs/2203.05482 (uniform, greedy); task arithmetic,
+Ilharco et al. 2023, https://arxiv.org/abs/2212.04089; TIES, Yadav et al. 2023, https://arxiv.org/abs/2306.01708;
+DARE, Yu et al. 2024, https://arxiv.org/abs/2311.03099; SLERP (Shoemake 1985, as in mergekit); LiNeS, Wang et al.
+2025, https://arxiv.org/abs/2410.17146.
+
+Method:
+  Models fine-tuned from one base sit in one basin: average them (soups), or add their task vectors tau_i = theta_i -
+  theta_0 to the base, trimmed and sign-elected (TIES), randomly dropped and rescaled (DARE) or scaled per layer,
+  little at shallow layers and fully at the last (LiNeS, against forgetting). The merge is then evaluated like a run.
+
+Usage (after fine-tuning, e.g. `for s in 0 1 2; do python sft.py --seed $s --output_dir runs/sft_s$s; done`):
+    python merge.py --method uniform --models runs/sft_s0/final,runs/sft_s1/final,runs/sft_s2/final
+    python merge.py --method greedy --models runs/sft_s0/final,runs/sft_s1/final,runs/sft_s2/final   # held-out: math validation
+    python merge.py --method ties --base world/base --models runs/a/final,runs/b/final --density 0.2
+    python merge.py --method dare_ties --base world/base --models runs/a/final,runs/b/final --density 0.1 --seed 0
+    python merge.py --method slerp --models runs/a/final,runs/b/final --t 0.5
+    python merge.py --method lines --base world/base --models runs/sft_s0/final --alpha 0.3   # beta = 1 - alpha
+    python merge.py --method task_arithmetic --base Qwen/Qwen2.5-0.5B --models Qwen/Qwen2.5-0.5B-Instruct,<math-ft> \
+        --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+import common
+from common import print0
+
+
+@dataclasses.dataclass
+class Args:
+    # COMMON: the evaluation block of every script
+    eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
+        ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
+        ("knowledge", "knowledge", "test")])
+    """comma-separated name=source pairs scored by the task judges; the first is the target task"""
+    eval_split: str = "test"
+    """split of hub eval datasets"""
+    output_dir: str = "runs/merge"
+    """where the merged model (final/) and metrics.jsonl go"""
+    seed: int = 0
+    """seed of DARE's masks and of evaluation"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16: dtype of the saved model (merging itself is always float32)"""
+    device: str = "auto"
+    """auto | cpu | cuda (evaluation; merging streams tensors on the CPU)"""
+    max_length: int = 512
+    """tokens per held-out sample"""
+    eval_samples: int = 100
+    """prompts per eval dataset (0 = all)"""
+    max_new_tokens: int = 64
+    """generation budget per eval answer"""
+    eval_batch_size: int = 50
+    """prompts per generation batch"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off unless asked)"""
+
+    # METHOD: merging
+    method: str = "uniform"
+    """uniform | greedy | linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | lines"""
+    models: str = ""
+    """comma-separated fine-tuned models (local dirs or hub ids) with the same architecture and tokenizer"""
+    base: str = ""
+    """the common pre-trained model theta_0 (task_arithmetic, ties, dare_*, lines)"""
+    weights: str = ""
+    """comma-separated weight per model (default 1 each)"""
+    normalize: str = "auto"
+    """divide by the summed weights: true | false | auto (mergekit's defaults: linear and ties true, task_arithmetic and dare false)"""
+    scaling: float = 1.0
+    """lambda, the task vector's scale (task_arithmetic, ties, dare_*)"""
+    density: float = -1.0
+    """fraction of each task vector kept (ties: top magnitudes, dare: random); -1 = the papers' 0.2 (TIES) and 0.1 (DARE, p = 0.9)"""
+    ties_trim: str = "tensor"
+    """tensor (mergekit: top-k per tensor) | global (TIES reference code: one threshold over the whole model)"""
+    dare_rescale: str = "inv_p"
+    """inv_p (paper: divide the kept entries by 1 - p) | l1 (mergekit since 2025: match each tensor's L1 norm)"""
+    t: float = 0.5
+    """SLERP position: 0 = the first model, 1 = the second"""
+    alpha: float = 0.5
+    """LiNeS: scale of the first block's (and of the non-block tensors') task vector"""
+    beta: float = -1.0
+    """LiNeS: added scale at the last block, lambda(l) = alpha + beta (l - 1)/(L - 1); -1 = 1 - alpha (single-task: the last block keeps its update)"""
+    select_dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "validation.jsonl")
+    """greedy soup: the held-out data that orders the ingredients and accepts them (not the test set)"""
+    select_samples: int = 0
+    """greedy soup: held-out prompts (0 = all)"""
+    greedy_metric: str = "accuracy"
+    """greedy soup: accuracy (judge, higher is better) | loss (held-out token loss, lower is better)"""
+
+
+# METHOD: the merge rules, one tensor at a time (float32; tau_i = theta_i - theta_0)
+def linear(tensors, weights, normalize=True):
+    """Weighted average sum_i w_i theta_i / sum_i w_i (the uniform soup with w_i = 1; mergekit `linear`)."""
+    total = sum(w * t for w, t in zip(weights, tensors))
+    return total / sum(weights) if normalize else total
+
+
+def task_arithmetic(base, taus, weights, scaling=1.0, normalize=False):
+    """theta_0 + lambda sum_i w_i tau_i (Ilharco et al. 2023; mergekit divides by sum_i w_i when normalize)."""
+    total = sum(w * t for w, t in zip(weights, taus))
+    return base + scaling * (total / (sum(weights) or 1.0) if normalize else total)
+
+
+def trim(tau, density, threshold=None):
+    """TIES step 1: keep the top-density fraction of |tau| (k = int(density numel) per tensor, as mergekit), or the
+    entries with |tau| >= a given threshold (the reference code's one threshold over the whole model)."""
+    if threshold is not None:
+        return tau * (tau.abs() >= threshold)
+    if density >= 1:
+        return tau
+    k = int(density * tau.numel())
+    if k == 0:
+        raise common.UsageError(f"--density {density} keeps no entry of a tensor with {tau.numel()} elements")
+    keep = torch.zeros(tau.numel(), dtype=torch.bool)
+    keep[tau.abs().flatten().topk(k).indices] = True
+    return tau * keep.view_as(tau)
+
+
+def ties(base, taus, weights, scaling=1.0, normalize=True):
+    """TIES-Merging on already trimmed task vectors (Yadav et al. 2023, Sec. 3; mergekit's weighted form):
+    u_i = w_i tau_i; elect gamma = sign(sum_i u_i) (mass-weighted vote; a zero sum elects +, mergekit; the paper's
+    code falls back to the majority sign); keep the u_i that agree, m_i = [sign(u_i) = gamma];
+    merged = sum_i u_i m_i / sum_i w_i m_i (the disjoint mean; the plain sum without normalize);
+    theta = theta_0 + lambda merged. With w_i = 1 this is the paper's dis-mean."""
+    u = torch.stack([w * t for w, t in zip(weights, taus)])
+    gamma = torch.where(u.sum(0) >= 0, 1.0, -1.0)
+    agree = u.sign() == gamma
+    merged = (u * agree).sum(0)
+    if normalize:
+        w = torch.tensor(weights, dtype=u.dtype).view(-1, *[1] * (u.dim() - 1))
+        merged = merged / (w * agree).sum(0).masked_fill((w * agree).sum(0) == 0, 1.0)
+    return base + scaling * merged
+
+
+def dare(tau, density, generator, rescale="inv_p"):
+    """DARE (Yu et al. 2024, Eq. 1): drop each entry with probability p = 1 - density, then rescale the survivors:
+    inv_p divides by 1 - p (E[result] = tau, the paper); l1 matches the L1 norm of tau (mergekit since Feb 2025)."""
+    if density >= 1:
+        return tau
+    kept = tau * (torch.rand(tau.shape, generator=generator) < density)
+    if rescale == "inv_p":
+        return kept / density
+    before, after = tau.abs().sum(), kept.abs().sum()
+    return kept * (before / after) if before > 1e-7 and after > 1e-7 else kept
+
+
+def slerp(a, b, t, eps=1e-8, colinear=0.9995):
+    """Spherical interpolation of two whole tensors (Shoemake 1985; mergekit `slerp`): with d the cosine of the
+    flattened a and b and Omega = arccos d, sin((1 - t) Omega)/sin Omega a + sin(t Omega)/sin Omega b; the plain
+    (1 - t) a + t b when |d| > 0.9995 (near parallel or anti-parallel). The unnormalised tensors are interpolated."""
+    ua = a / a.norm() if a.norm() > eps else a
+    ub = b / b.norm() if b.norm() > eps else b
+    d = (ua * ub).sum().clamp(-1, 1)
+    if d.abs() > colinear:
+        return (1 - t) * a + t * b
+    omega = torch.arccos(d)
+    return torch.sin((1 - t) * omega) / torch.sin(omega) * a + torch.sin(t * omega) / torch.sin(omega) * b
+
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def lines_scale(name: str, num_layers: int, alpha: float, beta: float) -> float:
+    """LiNeS (Wang et al. 2025, Eq. 1): lambda(l) = alpha + beta (l - 1)/(L - 1) for block l = 1..L (name matches
+    `layers.<l-1>.`; an explicit regex, where the official substring test can mistake `.1.` inside a name);
+    alpha for every tensor outside the blocks (embeddings, final norm, head). L = 1 gives alpha + beta."""
+    match = LAYER.search(name)
+    if not match:
+        return alpha
+    return alpha + beta * (int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0)
+
+
+# METHOD: streaming: read one tensor per model at a time from safetensors (sharded or not), check compatibility
+class Checkpoint:
+    """The tensors of a Hugging Face model directory (or hub id), opened lazily with safetensors."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        if not os.path.isdir(path):
+            if path.startswith((".", "/", "~")) or path.count("/") > 1:
+                raise common.UsageError(f"--models/--base {path!r}: no such directory")
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model"])
+        self.path = path
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise common.UsageError(f"{path}: no .safetensors files")
+        self.handles = {f: safe_open(os.path.join(path, f), "pt") for f in files}
+        self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
+        with open(os.path.join(path, "config.json")) as f:
+            self.config = json.load(f)
+
+    def shape(self, name):
+        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
+    def get(self, name):
+        return self.handles[self.where[name]].get_tensor(name).float()
+
+
+def check_compatible(checkpoints):
+    """Same architecture, tensor names, shapes and tokenizer in every model; the first difference is an error that
+    names the tensor (or file) and the two models."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        for key in ("model_type", "architectures", "vocab_size", "num_hidden_layers", "hidden_size"):
+            if first.config.get(key) != other.config.get(key):
+                raise common.UsageError(f"config {key} differs: {first.config.get(key)} in {first.path}, "
+                                        f"{other.config.get(key)} in {other.path}")
+        for name in sorted(set(first.where) | set(other.where)):
+            if name not in first.where or name not in other.where:
+                raise common.UsageError(f"tensor {name} is in {first.path if name in first.where else other.path} "
+                                        f"only, not in {other.path if name in first.where else first.path}")
+            if first.shape(name) != other.shape(name):
+                raise common.UsageError(f"tensor {name}: shape {first.shape(name)} in {first.path}, "
+                                        f"{other.shape(name)} in {other.path}")
+        if tokenizer_hash(first.path) != tokenizer_hash(other.path):
+            raise common.UsageError(f"the tokenizers differ (vocabulary or special tokens): {first.path} vs {other.path}")
+
+
+def tokenizer_hash(path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    return hashlib.sha256(json.dumps([sorted(tok.get_vocab().items()), tok.all_special_tokens]).encode()).hexdigest()
+
+
+def merge(args, checkpoints, base, weights, out_state):
+    """Write the merge of `checkpoints` (and `base`) into out_state (the output model's own tensors), one tensor
+    name at a time: memory is the output model plus one tensor per input."""
+    method, num_layers = args.method, checkpoints[0].config["num_hidden_layers"]
+    normalize = {"true": True, "false": False}.get(args.normalize, method in ("linear", "uniform", "ties"))
+    density = args.density if args.density >= 0 else {"ties": 0.2, "dare_linear": 0.1, "dare_ties": 0.1}.get(method, 1.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    thresholds = None
+    if method == "ties" and args.ties_trim == "global" and density < 1:  # one model's |tau| at a time
+        thresholds = []
+        for c in checkpoints:
+            mags = torch.cat([(c.get(n) - base.get(n)).abs().flatten() for n in sorted(c.where)])
+            thresholds.append(mags.kthvalue(max(1, mags.numel() - int(density * mags.numel()) + 1)).values)
+    for name in sorted(checkpoints[0].where):
+        tensors = [c.get(name) for c in checkpoints]
+        if method in ("uniform", "linear"):
+            merged = linear(tensors, weights, normalize)
+        elif method == "slerp":
+            merged = slerp(tensors[0], tensors[1], args.t)
+        else:
+            theta0 = base.get(name)
+            taus = [t - theta0 for t in tensors]
+            if method == "ties":
+                taus = [trim(tau, density, thresholds[i] if thresholds else None) for i, tau in enumerate(taus)]
+                merged = ties(theta0, taus, weights, args.scaling, normalize)
+            elif method == "dare_ties":
+                merged = ties(theta0, [dare(tau, density, generator, args.dare_rescale) for tau in taus], weights,
+                              args.scaling, normalize)
+            elif method == "dare_linear":
+                merged = task_arithmetic(theta0, [dare(tau, density, generator, args.dare_rescale) for tau in taus],
+                                         weights, args.scaling, normalize)
+            elif method == "lines":
+                beta = args.beta if args.beta >= 0 else 1 - args.alpha
+                merged = theta0 + lines_scale(name, num_layers, args.alpha, beta) * sum(w * t for w, t in zip(weights, taus))
+            else:
+                merged = task_arithmetic(theta0, taus, weights, args.scaling, normalize)
+        out_state[name].copy_(merged.to(out_state[name].dtype))
+
+
+# COMMON: the held-out loss of a micro-batch, exactly as the training scripts compute it
+def compute_loss(model, batch, args):
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    loss_sum, _ = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"], compile=False)
+    return loss_sum, {}
+
+
+def evaluate(model, tokenizer, eval_sets, rt, args):
+    """Judge accuracy on every eval set plus held-out loss on the target set (the training scripts' evaluate)."""
+    results = {}
+    if not eval_sets:
+        return results
+    target = next(iter(eval_sets))
+    held_out = common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args)), eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
+    for name, examples in eval_sets.items():
+        results[f"eval/{name}/accuracy"] = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
+                                                                    batch_size=args.eval_batch_size)["accuracy"]
+    return results
+
+
+# METHOD: greedy soup (official model-soups main.py): best first, keep an ingredient only if the soup improves
+def greedy_soup(scores: list, score_of_mean) -> tuple:
+    """scores[i]: ingredient i's held-out score (higher is better); score_of_mean(indices) scores their uniform
+    average. Sorted by score, descending; a single pass; an ingredient is kept only if the soup's score strictly
+    rises (the official code's `>`; the paper's Algorithm 1 writes >=). Returns (kept indices, score, log)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    kept, best, log = [order[0]], scores[order[0]], []
+    for i in order[1:]:
+        candidate = score_of_mean(kept + [i])
+        log.append({"ingredient": i, "candidate_score": candidate, "accepted": candidate > best})
+        if candidate > best:
+            kept, best = kept + [i], candidate
+    return kept, best, log
+
+
+def main(args):
+    # COMMON: seed, device
+    rt = common.setup_distributed(args.device)
+    if rt.world_size > 1:
+        raise common.UsageError("merge.py runs in one process (no torchrun)")
+    common.seed_everything(args.seed)
+
+    # METHOD: the inputs, checked before anything is merged
+    paths = [p for p in args.models.split(",") if p]
+    needs_base = args.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lines")
+    if args.method not in ("uniform", "greedy", "linear", "slerp") and not needs_base:
+        raise common.UsageError(f"--method {args.method!r}: expected uniform, greedy, linear, task_arithmetic, ties, "
+                                "dare_linear, dare_ties, slerp or lines")
+    if not paths:
+        raise common.UsageError("--models is empty: give the fine-tuned model directories, e.g. "
+                                "--models runs/sft_s0/final,runs/sft_s1/final (see the usage in merge.py's docstring)")
+    if args.method == "slerp" and len(paths) != 2:
+        raise common.UsageError(f"--method slerp merges exactly 2 models, got {len(paths)}")
+    if needs_base and not args.base:
+        raise common.UsageError(f"--method {args.method} needs --base (the common pre-trained model)")
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise common.UsageError(f"--weights has {len(weights)} values for {len(paths)} models")
+    checkpoints = [Checkpoint(p) for p in paths]
+    base = Checkpoint(args.base) if needs_base else None
+    check_compatible(checkpoints + ([base] if base else []))
+
+    # COMMON: the output model (the donor's config and tokenizer: the base, else the first model) and eval data
+    model, tokenizer = common.load_model(base.path if base else checkpoints[0].path, args.dtype, rt.device, args.trust_remote_code)
+    out_state = model.state_dict()
+    eval_sets = {}
+    for pair in filter(None, args.eval_datasets.split(",")):
+        name, _, source = pair.partition("=")
+        if not source:
+            raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        eval_sets[name] = examples[: args.eval_samples or None]
+    logger = common.MetricsLogger(args.output_dir, rt, 0)
+    logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size})
+
+    # METHOD: merge (greedy: score every ingredient and each candidate soup on the held-out set first)
+    if args.method == "greedy":
+        held_out, _ = common.load_sft_data(args.select_dataset, tokenizer, args.max_length, "truncate", "validation")
+        held_out = held_out[: args.select_samples or None]
+        sign = -1 if args.greedy_metric == "loss" else 1
+
+        def score_of_mean(indices):
+            merge(dataclasses.replace(args, method="uniform"), [checkpoints[i] for i in indices], None, [1.0] * len(indices), out_state)
+            if args.greedy_metric == "loss":
+                return sign * common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args)),
+                                                   held_out, rt, tokenizer.pad_token_id)["loss"]
+            return common.evaluate_accuracy(model, tokenizer, held_out, rt, args.max_new_tokens, batch_size=args.eval_batch_size)["accuracy"]
+
+        scores = [score_of_mean([i]) for i in range(len(checkpoints))]
+        for i, s in enumerate(scores):
+            logger.log({"event": "ingredient", "model": paths[i], f"select/{args.greedy_metric}": sign * s})
+        kept, best, log = greedy_soup(scores, score_of_mean)
+        for entry in log:
+            logger.log({"event": "greedy_step", "model": paths[entry["ingredient"]], "accepted": entry["accepted"],
+                        f"select/{args.greedy_metric}": sign * entry["candidate_score"]})
+        merge(dataclasses.replace(args, method="uniform"), [checkpoints[i] for i in kept], None, [1.0] * len(kept), out_state)
+        logger.log({"event": "greedy_soup", "kept": [paths[i] for i in kept], f"select/{args.greedy_metric}": sign * best})
+    else:
+        merge(args, checkpoints, base, weights, out_state)
+
+    # COMMON: evaluate and save (the whole directory appears at once, or not at all)
+    model.config.merge = {"method": args.method, "models": paths, "base": args.base, "weights": weights}
+    final = evaluate(model, tokenizer, eval_sets, rt, args)
+    logger.log({"event": "eval_after", **final})
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt)
+    print0(f"saved {os.path.join(args.output_dir, 'final')}")
+
+
+if __name__ == "__main__":
+    try:
+        main(common.parse_args(Args))
+    except common.UsageError as err:
+        raise SystemExit(f"error: {err}") from None

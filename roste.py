@@ -1,0 +1,599 @@
+"""RoSTE, Rotated Straight-Through Estimator: sft.py trained through a W4A4KV4 quantizer, with adaptive rotations.
+
+Paper: Wei et al. 2025, "RoSTE: An Efficient Quantization-Aware Supervised Fine-Tuning Approach for Large Language
+Models" (ICML 2025), https://arxiv.org/abs/2502.09003.
+
+Method:
+  Every attention/MLP linear fake-quantizes its weight (per output channel) and input (per token), and attention its
+  keys and values (per token and head), round-to-nearest; the backward pass is the identity (straight-through), so
+  the full-precision latent weights are trained on the quantized network's loss (QA-SFT). Before training, norms are
+  folded into the linears and a random Hadamard R1 is fused into the residual stream; per layer, the online Hadamards
+  R2 (V/O heads), R3 (Q/K) and R4 (down_proj input) are switched on where they lower the measured quantization error.
+
+Usage:
+    python roste.py                                 # embedded world: RoSTE, W4A4KV4, adaptive rotations
+    python roste.py --rotation none                 # QA-SFT with the plain STE (the paper's "STE" baseline)
+    python roste.py --qat false --rotation none     # SFT, then round-to-nearest quantization (the "RTN" baseline)
+    python roste.py --qat false                     # SFT, then rotation + RTN (QuaRot-style post-training quantization)
+    python roste.py --model runs/sft/final --steps 0 --qat false   # quantize and evaluate an existing model
+    torchrun --nproc_per_node 8 roste.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/tldr --dtype bfloat16 \
+        --eval_datasets tldr=trl-lib/tldr --lr 1e-5 --batch_size 64 --max_length 1024
+    # the saved model is the latent full-precision one (R1 and norms folded, loads with from_pretrained);
+    # roste.load_quantized(dir) adds the quantizers and rotations recorded in its config.json ("roste").
+"""
+import collections
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import random
+import time
+
+import torch
+
+import common
+from common import print0
+
+
+@dataclasses.dataclass
+class Args:
+    # COMMON: the same block in every script
+    model: str = os.path.join(common.WORLD_DIR, "base")
+    """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
+    dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
+    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
+        ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
+        ("knowledge", "knowledge", "test")])
+    """comma-separated name=source pairs scored by the task judges; the first is the target task"""
+    eval_split: str = "test"
+    """split of hub eval datasets"""
+    output_dir: str = "runs/roste"
+    """where checkpoints, the final model and metrics.jsonl go"""
+    seed: int = 0
+    """seed of data order, sampling and evaluation"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (parameters and compute)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    max_length: int = 512
+    """tokens per sample (prompt + response)"""
+    overlong: str = "truncate"
+    """what to do with samples over max_length: truncate | drop (both counted and reported)"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 32
+    """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
+    micro_batch_size: int = 0
+    """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
+    warmup_ratio: float = 0.05
+    """fraction of steps of linear warm-up, then cosine decay to 10%"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    chunk_size: int = 0
+    """tokens per chunk of the fused loss; 0 = sized for a 150 MiB logits buffer"""
+    compile: bool = True
+    """compile the fused loss's per-chunk function with torch.compile"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    save_every: int = 50
+    """checkpoint every N steps (0 = only the final model)"""
+    keep_checkpoints: int = 2
+    """keep the newest N checkpoints (0 = all)"""
+    resume: str = ""
+    """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
+    eval_samples: int = 100
+    """prompts per eval dataset (0 = all)"""
+    eval_before: bool = True
+    """also evaluate the starting model"""
+    max_new_tokens: int = 64
+    """generation budget per eval answer"""
+    eval_batch_size: int = 50
+    """prompts per generation batch"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (off unless asked)"""
+
+    # METHOD: RoSTE (defaults follow the official code where the paper's recipe is unknown; see the spec)
+    qat: bool = True
+    """quantization-aware SFT (quantize from step 0); false = train in full precision, then quantize (the PTQ baselines)"""
+    rotation: str = "adaptive"
+    """adaptive (R1 + the per-layer R2/R3/R4 search) | all (R1-R4 everywhere) | r1 (R1 only) | none (no rotation: plain STE / RTN)"""
+    w_bits: int = 4
+    """weight bits, per output channel (16 = off)"""
+    a_bits: int = 4
+    """activation bits at every linear's input, per token (16 = off)"""
+    kv_bits: int = 4
+    """key/value cache bits, per token and head (16 = off)"""
+    w_sym: bool = False
+    """symmetric weight grid (-2^(b-1)..2^(b-1)-1); false = asymmetric min/max (the official code's default)"""
+    a_sym: bool = False
+    """symmetric activation grid"""
+    kv_sym: bool = False
+    """symmetric key/value grid"""
+    w_clip: float = 1.0
+    """weight clip ratio c in (0, 1]: the range is c * [min, max]"""
+    a_clip: float = 1.0
+    """activation clip ratio"""
+    kv_clip: float = 1.0
+    """key/value clip ratio"""
+    search_samples: int = 128
+    """training samples of the rotation search (one forward with R2-R4 off, one with them on)"""
+    search_decimals: int = -1
+    """round the search's errors to this many decimals before comparing (official script: 4); -1 = exact numbers"""
+    rotation_seed: int = 42
+    """seed of R1's random signs (the official code's 42)"""
+    eval_full_precision: bool = True
+    """also evaluate the model with the quantizers off (logged as fp/eval/...)"""
+
+
+# METHOD: the quantizer (round-to-nearest, dynamic min/max scales) and the straight-through estimator
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    bits: int = 16
+    symmetric: bool = False
+    clip: float = 1.0
+
+
+def fake_quantize(x, q: Quantizer, eps: float = 1e-8):
+    """Round-to-nearest fake quantization over the last dimension (RoSTE Sec. 2, official models/quant_linear.py):
+    every row (a weight's output channel, an activation's token, a key's or value's token and head) has its own
+    dynamic scale s, recomputed at every call; b = q.bits (>= 16: identity), c = q.clip.
+      symmetric:  s = c max|x| / (2^(b-1) - 1),        Q(x) = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) s
+      asymmetric: s = c (max x - min x) / (2^b - 1),  z = round(-c min x / s),  Q(x) = (clamp(round(x / s) + z, 0, 2^b - 1) - z) s
+    s is clamped to >= eps: our guard, the official code gives NaN on an all-zero row. At least float32 inside, x's dtype out."""
+    if q.bits >= 16:
+        return x
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if q.symmetric:
+        top = 2 ** (q.bits - 1) - 1
+        scale = (q.clip * xf.abs().amax(-1, keepdim=True) / top).clamp_min(eps)
+        return ((xf / scale).round().clamp(-top - 1, top) * scale).to(x.dtype)
+    top = 2 ** q.bits - 1
+    low, high = q.clip * xf.amin(-1, keepdim=True), q.clip * xf.amax(-1, keepdim=True)
+    scale = ((high - low) / top).clamp_min(eps)
+    zero = (-low / scale).round()
+    return ((((xf / scale).round() + zero).clamp(0, top) - zero) * scale).to(x.dtype)
+
+
+class StraightThrough(torch.autograd.Function):
+    """Forward Q(x), backward the identity: dL/dx = dL/dQ(x) everywhere, also where the clip ratio cut x, and no
+    gradient to the scale (the paper's STE; so the optimizer updates the full-precision latent weights)."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        return fake_quantize(x, q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def quantize(x, q: Quantizer):
+    return x if q.bits >= 16 else StraightThrough.apply(x, q)
+
+
+def mse(a, b):
+    return (a.float() - b.float()).pow(2).mean().item()
+
+
+# METHOD: Hadamard matrices of order 2^k (Sylvester) times a Paley order (so 896 = 28 x 32, 4864 = 76 x 64 work)
+def _is_prime(n):
+    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def _paley(q: int, doubled: bool):
+    """+-1 Hadamard matrix from the quadratic residues mod a prime q: Paley I (q = 3 mod 4) of order q + 1, Paley II
+    (q = 1 mod 4) of order 2(q + 1)."""
+    squares = {i * i % q for i in range(1, q)}
+    jacobsthal = torch.tensor([[0 if i == j else (1 if (j - i) % q in squares else -1) for j in range(q)]
+                               for i in range(q)], dtype=torch.float64)
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1 if doubled else -1, jacobsthal
+    if not doubled:
+        return c + torch.eye(q + 1, dtype=torch.float64)
+    pair, diag = torch.tensor([[1., 1.], [1., -1.]]), torch.tensor([[1., -1.], [-1., -1.]])
+    return torch.kron(c, pair.double()) + torch.kron(torch.eye(q + 1, dtype=torch.float64), diag.double())
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_factor(n: int):
+    """(H_m, p) with n = m p, p a power of 2 and H_m a +-1 Hadamard matrix (m = 1 or a Paley order): H_n = H_m kron H_p."""
+    p = n & -n
+    m = n // p
+    while True:
+        if m == 1:
+            return torch.ones(1, 1, dtype=torch.float64), p
+        if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+            return _paley(m - 1, False), p
+        if m % 4 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+            return _paley(m // 2 - 1, True), p
+        if p == 1:
+            raise common.UsageError(f"no Hadamard matrix of order {n} is built in (n = 2^k m needs m 2^j = q + 1 or "
+                                    f"2(q + 1) for a prime q): choose another --rotation or model")
+        m, p = 2 * m, p // 2
+
+
+def hadamard_matrix(n: int):
+    """The orthonormal H / sqrt(n), float64 (H = H_m kron Sylvester(p))."""
+    hm, p = hadamard_factor(n)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.kron(torch.tensor([[1., 1.], [1., -1.]], dtype=torch.float64), h)
+    return torch.kron(hm, h) / math.sqrt(n)
+
+
+def hadamard(x):
+    """x @ hadamard_matrix(n) over the last dimension, without the matrix: a Walsh-Hadamard butterfly over the
+    power-of-2 factor (n log n) and a small dense product with H_m. At least float32 inside (the official online
+    rotations use float32), x's dtype out. Orthogonal, so hadamard(x) @ hadamard(w).T == x @ w.T."""
+    hm, p = hadamard_factor(x.shape[-1])
+    m = hm.shape[0]
+    y, h = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, m, p), 1
+    while h < p:
+        y = y.view(y.shape[0], m, p // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), -2)
+        h *= 2
+    y = y.reshape(-1, m, p)
+    if m > 1:
+        y = torch.einsum("nap,ab->nbp", y, hm.to(y))
+    return (y / math.sqrt(m * p)).reshape(x.shape).to(x.dtype)
+
+
+# METHOD: the model surgery: norms folded, R1 fused offline (computational invariance, QuaRot/SpinQuant)
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+ROTATIONS = ("R2", "R3", "R4")
+
+
+def blocks(model):
+    """The decoder layers, checked to be Llama-style: RMSNorms without bias, separate q/k/v/o and gate/up/down."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    for name in PROJECTIONS + ["input_layernorm", "post_attention_layernorm"]:
+        try:
+            module = functools.reduce(getattr, name.split("."), layers[0])
+        except (AttributeError, TypeError):
+            module = None
+        if module is None or not hasattr(module, "weight") or ("norm" in name and getattr(module, "bias", None) is not None):
+            raise common.UsageError(f"roste.py needs Llama-style layers (RMSNorm, {', '.join(PROJECTIONS)}); "
+                                    f"the {model.config.model_type} model's layer 0 has no usable {name}")
+    return layers
+
+
+@torch.no_grad()
+def fuse_norms(model):
+    """Fold each RMSNorm gain g into the linears that read its output (W <- W diag(g)) and set g = 1, after untying
+    the LM head from the embeddings (the final norm's gain goes into the head only). The function is unchanged and
+    every norm becomes a plain RMS normalisation, which commutes with an orthogonal R1: rms(x R1) = rms(x)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if head.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr():
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    pairs = [(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+             for layer in blocks(model)]
+    pairs += [(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in blocks(model)]
+    for norm, readers in pairs + [(decoder.norm, [head])]:
+        for linear in readers:
+            linear.weight.copy_(linear.weight.double() * norm.weight.double())
+        norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_residual(model, seed: int):
+    """R1, fused offline: the residual stream x becomes x R1 with R1 = diag(s) H / sqrt(d), s random signs (seed).
+    Readers of the stream (q, k, v, gate, up, LM head): W <- W R1. Writers (embeddings E <- E R1; o_proj and
+    down_proj W <- R1^T W, b <- b R1). Float64 inside. Needs fuse_norms first (a gain would not commute with R1)."""
+    d = model.config.hidden_size
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    r1 = signs[:, None] * hadamard_matrix(d)
+
+    def apply(param, left):
+        r = r1.to(param.device)
+        param.copy_(r.T @ param.double() if left else param.double() @ r)
+
+    decoder = model.get_decoder()
+    apply(decoder.embed_tokens.weight, False)
+    apply(model.get_output_embeddings().weight, False)
+    for layer in blocks(model):
+        for reader in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+            apply(reader.weight, False)
+        for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            apply(writer.weight, True)
+            if writer.bias is not None:
+                apply(writer.bias[None], False)
+
+
+# METHOD: the quantized network: QuantLinear, the attention with R2/R3 and the KV quantizer, the per-layer switches
+class QuantLinear(torch.nn.Linear):
+    """An nn.Linear (same parameters, same state-dict names) computing Q_a(x R) Q_w(W R)^T + b. R is the online
+    Hadamard over blocks of `rotate_block` input features (0 = none): R2 on o_proj (per head, on W only, its input
+    arrives rotated from the values), R4 on down_proj (the whole input, on x and W)."""
+    w_quant = a_quant = Quantizer()
+    rotate_block, rotate_input, error_key, errors = 0, False, None, None
+
+    def forward(self, x):
+        w = self.weight
+        if self.rotate_block:
+            w = hadamard(w.unflatten(-1, (-1, self.rotate_block))).flatten(-2)
+            if self.rotate_input:
+                x = hadamard(x.unflatten(-1, (-1, self.rotate_block))).flatten(-2)
+        xq, wq = quantize(x, self.a_quant), quantize(w, self.w_quant)
+        if self.errors is not None and self.error_key:
+            self.errors[self.error_key] += mse(wq, w) + mse(xq, x)
+        return torch.nn.functional.linear(xq, wq, self.bias)
+
+
+def roste_attention(module, query, key, value, attention_mask, **kwargs):
+    """Hugging Face attention function "roste", called after RoPE and the cache update: R3 rotates queries and keys
+    per head (it cancels in q k^T), R2 rotates values per head (o_proj's rotated weight undoes it), then keys and
+    values are fake-quantized per token and head. Re-quantizing the whole cache at every call equals quantizing each
+    token once when it is stored (per-token scales), so cached generation sees the training-time quantizer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if module.rotate_qk:
+        query, key = hadamard(query), hadamard(key)
+    if module.rotate_v:
+        value = hadamard(value)
+    key_q, value_q = quantize(key, module.kv_quant), quantize(value, module.kv_quant)
+    if module.errors is not None:
+        module.errors[(module.layer_idx, "R3")] += mse(key_q, key)
+    return sdpa_attention_forward(module, query, key_q, value_q, attention_mask, **kwargs)
+
+
+def quantize_model(model, spec: dict):
+    """In place: the attention/MLP linears become QuantLinears, attention becomes roste_attention, all online
+    rotations off. spec holds w_bits, w_sym, w_clip, a_*, kv_* (embeddings and LM head stay full precision)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("roste", roste_attention)
+    AttentionMaskInterface.register("roste", sdpa_mask)
+    w, a, kv = (Quantizer(spec[f"{k}_bits"], spec[f"{k}_sym"], spec[f"{k}_clip"]) for k in ("w", "a", "kv"))
+    for i, layer in enumerate(blocks(model)):
+        for name in PROJECTIONS:
+            linear = functools.reduce(getattr, name.split("."), layer)
+            linear.__class__, linear.w_quant, linear.a_quant = QuantLinear, w, a
+        layer.self_attn.o_proj.error_key, layer.mlp.down_proj.error_key = (i, "R2"), (i, "R4")
+        layer.mlp.down_proj.rotate_input = True
+        layer.self_attn.kv_quant, layer.self_attn.errors = kv, None
+    set_rotations(model, {i: dict.fromkeys(ROTATIONS, False) for i in range(len(blocks(model)))})
+    model.config._attn_implementation = "roste"
+
+
+def set_rotations(model, config: dict):
+    """config[layer] = {"R2": bool, "R3": bool, "R4": bool}: switch the online rotations per layer."""
+    for i, layer in enumerate(blocks(model)):
+        attn = layer.self_attn
+        attn.rotate_v, attn.rotate_qk = config[i]["R2"], config[i]["R3"]
+        attn.o_proj.rotate_block = attn.head_dim if config[i]["R2"] else 0
+        layer.mlp.down_proj.rotate_block = layer.mlp.down_proj.in_features if config[i]["R4"] else 0
+
+
+@contextlib.contextmanager
+def full_precision(model):
+    """Quantizers off (bits 16), rotations kept (they do not change the full-precision function)."""
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear) or hasattr(m, "kv_quant")]
+    saved = [(m.w_quant, m.a_quant) if isinstance(m, QuantLinear) else m.kv_quant for m in modules]
+    for m in modules:
+        if isinstance(m, QuantLinear):
+            m.w_quant = m.a_quant = Quantizer()
+        else:
+            m.kv_quant = Quantizer()
+    try:
+        yield model
+    finally:
+        for m, s in zip(modules, saved):
+            if isinstance(m, QuantLinear):
+                m.w_quant, m.a_quant = s
+            else:
+                m.kv_quant = s
+
+
+# METHOD: adaptive rotation, the upper level of RoSTE's bilevel problem, solved once before training (official code)
+def select_rotations(errors_off: dict, errors_on: dict, decimals: int = -1) -> dict:
+    """Per layer l and rotation r: on iff err_on(l, r) < err_off(l, r); a tie keeps it off. err is the quantization
+    error the rotation acts on, mean (Q(W~) - W~)^2 + mean (Q(X~) - X~)^2 at the linear it feeds (R2: o_proj, R4:
+    down_proj), and for R3 the key cache's mean (Q(K~) - K~)^2 (our reading: the official R3 logging site was not
+    available). The official script rounds to 4 decimals and compares the formatted strings, which misorders values
+    >= 10; we compare numbers, rounded first only when decimals >= 0."""
+    rounded = (lambda v: round(v, decimals)) if decimals >= 0 else (lambda v: v)
+    config = {}
+    for (layer, kind), off in sorted(errors_off.items()):
+        config.setdefault(layer, {})[kind] = rounded(errors_on[(layer, kind)]) < rounded(off)
+    return config
+
+
+@torch.no_grad()
+def search_rotations(model, batches, decimals: int = -1):
+    """One forward over the search batches with R2-R4 all off and one with them all on, each logging the errors of
+    select_rotations per (layer, rotation) (summed over batches; padding positions count, as in the official
+    script); then each switch takes the better setting. Returns (config, [errors off, errors on])."""
+    layers, logs = blocks(model), []
+    for on in (False, True):
+        set_rotations(model, {i: dict.fromkeys(ROTATIONS, on) for i in range(len(layers))})
+        errors = collections.defaultdict(float)
+        for layer in layers:
+            layer.self_attn.errors = layer.self_attn.o_proj.errors = layer.mlp.down_proj.errors = errors
+        for batch in batches:
+            model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for layer in layers:
+            layer.self_attn.errors = layer.self_attn.o_proj.errors = layer.mlp.down_proj.errors = None
+        logs.append(dict(errors))
+    config = select_rotations(*logs, decimals)
+    set_rotations(model, config)
+    return config, logs
+
+
+def prepare(model, train, args, rt, pad_id) -> dict:
+    """Rotate (unless --rotation none), quantize and pick the online rotations; record it all in model.config.roste
+    (saved in config.json, read by load_quantized). Returns the per-layer rotation config."""
+    if args.rotation not in ("adaptive", "all", "r1", "none"):
+        raise common.UsageError(f"--rotation {args.rotation!r}: expected adaptive, all, r1 or none")
+    if args.rotation != "none":
+        fuse_norms(model)
+        rotate_residual(model, args.rotation_seed)
+    spec = {k: getattr(args, k) for k in ("w_bits", "w_sym", "w_clip", "a_bits", "a_sym", "a_clip", "kv_bits", "kv_sym", "kv_clip")}
+    quantize_model(model, spec)
+    if args.rotation == "adaptive":
+        ids = random.Random(args.seed).sample(range(len(train)), min(args.search_samples, len(train)))
+        batches = [common.collate(train, ids[i:i + 16], pad_id, rt.device) for i in range(0, len(ids), 16)]
+        config, logs = search_rotations(model, batches, args.search_decimals)
+        print0("rotation search (error off -> on): " + " | ".join(
+            f"L{layer} {kind} {logs[0][(layer, kind)]:.3g}->{logs[1][(layer, kind)]:.3g}{' ON' if config[layer][kind] else ''}"
+            for layer, kind in sorted(logs[0])))
+    else:
+        config = {i: dict.fromkeys(ROTATIONS, args.rotation == "all") for i in range(len(blocks(model)))}
+        set_rotations(model, config)
+    model.config.roste = {**spec, "r1": args.rotation != "none", "rotation_seed": args.rotation_seed,
+                          "layers": {str(i): c for i, c in config.items()}}
+    return config
+
+
+def load_quantized(path: str, dtype: str = "float32", device="cpu"):
+    """A model saved by roste.py, with the quantizers and online rotations recorded in its config.json ("roste")."""
+    model, tokenizer = common.load_model(path, dtype, device)
+    spec = getattr(model.config, "roste", None)
+    if not spec:
+        raise common.UsageError(f"{path}: config.json has no 'roste' entry (not saved by roste.py)")
+    quantize_model(model, spec)
+    set_rotations(model, {int(i): c for i, c in spec["layers"].items()})
+    return model, tokenizer
+
+
+# COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
+def compute_loss(model, batch, args):
+    """Summed token cross-entropy of a micro-batch; the caller normalises by the global token count."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    loss_sum, logp = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
+                                                       chunk_size=args.chunk_size or None, compile=args.compile)
+    return loss_sum, {}
+
+
+def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
+    """Judge accuracy on every eval set plus held-out loss on the target set."""
+    results = {"step": step}
+    if not eval_sets:
+        return results
+    target = next(iter(eval_sets))  # loss first: FSDP must run the root's forward before anything else
+    held_out = common.evaluate_loss(loss_model, eval_sets[target], rt, tokenizer.pad_token_id)
+    results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
+    with common.unsharded(loss_model):
+        for name, examples in eval_sets.items():
+            acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
+                                           batch_size=args.eval_batch_size, synced=args.fsdp)
+            results[f"eval/{name}/accuracy"] = acc["accuracy"]
+    return results
+
+
+def main(args):
+    # COMMON: seed, distributed
+    rt = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)  # identical init on every rank
+
+    # COMMON: model and tokenizer
+    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model.config.use_cache = False
+
+    # COMMON: data
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
+    eval_sets = {}
+    for pair in filter(None, args.eval_datasets.split(",")):
+        name, _, source = pair.partition("=")
+        if not source:
+            raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        eval_sets[name] = examples[: args.eval_samples or None]
+    micro = args.micro_batch_size or args.batch_size // rt.world_size
+    if args.batch_size % (micro * rt.world_size):
+        raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
+                         f"x {rt.world_size} processes")
+    schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+
+    # METHOD: QA-SFT / RoSTE: rotate, quantize and search before training (the PTQ baselines do it after training)
+    if not args.qat and args.fsdp:
+        raise common.UsageError("--qat false (quantize after training) rewrites the weights in place: not with --fsdp")
+    if args.qat:
+        prepare(model, train, args, rt, tokenizer.pad_token_id)
+
+    # COMMON: optimizer and schedule
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(args.warmup_ratio * args.steps))
+    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    start_step, resume = 0, args.resume
+    if resume == "auto":
+        resume = common.latest_checkpoint(args.output_dir) or ""
+    if resume:
+        start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
+        print0(f"resumed from {resume} at step {start_step}")
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
+    if args.eval_before and not resume:
+        before = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)
+        if args.qat and args.eval_full_precision:  # METHOD: the same model with the quantizers off
+            with full_precision(model):
+                before.update({f"fp/{k}": v for k, v in evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0).items() if k != "step"})
+        logger.log({"event": "eval_before", **before})
+
+    # COMMON: training loop
+    loss_model.train()
+    t_start, tokens_seen = time.time(), 0
+    for step in range(start_step, args.steps):
+        t0 = time.time()
+        batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
+                   for ids in common.micro_batches(schedule[step], rt, micro)]
+        global_tokens = common.count_loss_tokens(batches)
+        loss_total, padded, real = torch.zeros((), device=rt.device), 0, 0
+        for i, batch in enumerate(batches):
+            with common.gradient_sync(loss_model, sync=i == len(batches) - 1):
+                loss_sum, metrics = loss_model(batch)
+                common.normalized_loss(loss_sum, global_tokens, rt.world_size).backward()
+            loss_total += loss_sum.detach()
+            padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # COMMON: logging (the logged loss is the optimised loss: global token mean)
+        stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
+        tokens_seen += stats_t[1].item()
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
+                    "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
+                    **{f"method/{k}": v for k, v in metrics.items()}})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
+                                   optimizer, scheduler, {"step": step + 1}, args.fsdp)
+            common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
+
+    # COMMON: evaluate and save
+    fp = {}
+    if not args.qat:  # METHOD: SFT then PTQ: the trained full-precision model, then rotated and quantized
+        fp = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps) if args.eval_full_precision else {}
+        prepare(model, train, args, rt, tokenizer.pad_token_id)
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
+    if args.qat and args.eval_full_precision:  # METHOD: the latent weights with the quantizers off
+        with full_precision(model):
+            fp = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
+    final.update({f"fp/{k}": v for k, v in fp.items() if k != "step"})
+    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen})
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    print0(f"saved {os.path.join(args.output_dir, 'final')}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(common.parse_args(Args))
+    except common.UsageError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,252 @@
+"""merge.py: each rule against a slow elementwise computation and its limiting cases (soups of identical models,
+SLERP endpoints, TIES at density 1, DARE's expectation and norms, LiNeS at alpha = 1, beta = 0), the greedy soup's
+guarantee, streaming from shards, refusals by tensor name, and parity with mergekit when it is installed."""
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import common
+import merge
+from scripts import records, run_script
+
+BASE = os.path.join(common.WORLD_DIR, "base")
+
+
+def make_model(path, tensors=None, shards=1):
+    """A copy of the embedded base model with the given tensors (default: the base's), in `shards` files."""
+    os.makedirs(path, exist_ok=True)
+    for f in os.listdir(BASE):
+        if not f.endswith(".safetensors") and os.path.isfile(os.path.join(BASE, f)):
+            shutil.copy(os.path.join(BASE, f), path)
+    tensors = tensors or load_file(os.path.join(BASE, "model.safetensors"))
+    names, index = sorted(tensors), {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        save_file({k: tensors[k].contiguous() for k in names[s::shards]}, os.path.join(path, file), metadata={"format": "pt"})
+        index.update({k: file for k in names[s::shards]})
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": index}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """The base and three 'fine-tuned' variants (base + a random task vector), one of them sharded."""
+    root = tmp_path_factory.mktemp("models")
+    base = load_file(os.path.join(BASE, "model.safetensors"))
+    paths = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        tuned = {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        paths.append(make_model(root / f"ft{i}", tuned, shards=2 if i == 1 else 1))
+    return BASE, paths
+
+
+def run_merge(tmp_path, method, models, base="", **kw):
+    """merge.merge into fresh float32 tensors (what merge.py writes into the output model)."""
+    args = merge.Args(method=method, models=",".join(models), base=base, **kw)
+    checkpoints = [merge.Checkpoint(p) for p in models]
+    out = {k: torch.empty(checkpoints[0].shape(k)) for k in checkpoints[0].where}
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(models)
+    merge.merge(args, checkpoints, merge.Checkpoint(base) if base else None, weights, out)
+    return out
+
+
+def tensors(path):
+    c = merge.Checkpoint(path)
+    return {k: c.get(k) for k in c.where}
+
+
+def test_uniform_soup_of_identical_models_is_the_model_and_linear_matches_the_formula(tmp_path, finetuned):
+    base, (a, b, c) = finetuned
+    out = run_merge(tmp_path, "uniform", [a, a, a])
+    ta = tensors(a)
+    assert all(torch.allclose(out[k], ta[k], atol=1e-6) for k in ta)
+    out = run_merge(tmp_path, "linear", [a, b, c], weights="1,2,0.5")
+    tb, tc = tensors(b), tensors(c)
+    for k in ta:
+        torch.testing.assert_close(out[k], (ta[k] + 2 * tb[k] + 0.5 * tc[k]) / 3.5, atol=1e-6, rtol=1e-6)
+    swapped, ordered = run_merge(tmp_path, "uniform", [c, a, b]), run_merge(tmp_path, "uniform", [a, b, c])
+    assert all(torch.allclose(swapped[k], ordered[k], atol=1e-6) for k in ta)
+
+
+def slow_slerp(a, b, t):
+    a, b = a.double().flatten().tolist(), b.double().flatten().tolist()
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+    d = sum(x * y for x, y in zip(a, b)) / (na * nb)
+    if abs(d) > 0.9995:
+        return [(1 - t) * x + t * y for x, y in zip(a, b)]
+    om = math.acos(d)
+    return [math.sin((1 - t) * om) / math.sin(om) * x + math.sin(t * om) / math.sin(om) * y for x, y in zip(a, b)]
+
+
+def test_slerp_formula_endpoints_symmetry_and_colinear_fallback():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 9, generator=g, dtype=torch.float64), torch.randn(7, 9, generator=g, dtype=torch.float64)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        torch.testing.assert_close(merge.slerp(a, b, t).flatten(), torch.tensor(slow_slerp(a, b, t), dtype=torch.float64))
+    torch.testing.assert_close(merge.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(merge.slerp(a, b, 1.0), b)
+    torch.testing.assert_close(merge.slerp(a, b, 0.3), merge.slerp(b, a, 0.7))
+    unit_b = b / b.norm() * a.norm()  # equal norms: the norm is kept all along the arc
+    assert all(math.isclose(merge.slerp(a, unit_b, t).norm().item(), a.norm().item(), rel_tol=1e-9) for t in (0.2, 0.5, 0.9))
+    torch.testing.assert_close(merge.slerp(a, 3 * a, 0.25), 0.75 * a + 0.75 * a)  # parallel: lerp
+    torch.testing.assert_close(merge.slerp(a, -a, 0.5), torch.zeros_like(a))  # anti-parallel: lerp too
+
+
+def slow_ties(taus, weights, density, normalize):
+    """TIES elementwise in Python: per-tensor top-k trim, weighted sign vote (0 sum -> +), disjoint (weighted) mean."""
+    flat = [t.flatten().tolist() for t in taus]
+    k = int(density * len(flat[0]))
+    trimmed = []
+    for f in flat:
+        keep = set(sorted(range(len(f)), key=lambda j: -abs(f[j]))[:k]) if density < 1 else set(range(len(f)))
+        trimmed.append([v if j in keep else 0.0 for j, v in enumerate(f)])
+    out = []
+    for j in range(len(flat[0])):
+        u = [w * t[j] for w, t in zip(weights, trimmed)]
+        sign = 1.0 if sum(u) >= 0 else -1.0
+        agree = [i for i, v in enumerate(u) if v != 0 and math.copysign(1, v) == sign]
+        num, den = sum(u[i] for i in agree), sum(weights[i] for i in agree)
+        out.append(num / (den or 1.0) if normalize else num)
+    return torch.tensor(out, dtype=torch.float64).view(taus[0].shape)
+
+
+def test_ties_matches_the_slow_elementwise_rule_and_reduces_to_task_arithmetic():
+    g = torch.Generator().manual_seed(1)
+    taus = [torch.randn(6, 10, generator=g, dtype=torch.float64) for _ in range(3)]
+    base = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    for density, weights, normalize in [(0.3, [1.0, 1.0, 1.0], True), (0.5, [1.0, 0.5, 2.0], True), (1.0, [1.0, 1.0, 1.0], False)]:
+        trimmed = [merge.trim(t, density) for t in taus]
+        assert all(int((t != 0).sum()) == int(density * 60) for t in trimmed)  # exactly k kept per tensor
+        torch.testing.assert_close(merge.ties(base, trimmed, weights, 1.0, normalize), base + slow_ties(taus, weights, density, normalize))
+    # density 1 and no sign conflict: the disjoint sum is task arithmetic, the disjoint mean is its mean
+    same = [t.abs() for t in taus]
+    torch.testing.assert_close(merge.ties(base, same, [1.0] * 3, 0.7, normalize=False), merge.task_arithmetic(base, same, [1.0] * 3, 0.7))
+    torch.testing.assert_close(merge.ties(base, same, [1.0] * 3, 1.0, normalize=True), base + sum(same) / 3)
+    # the global trim (TIES reference code): one threshold for the whole model
+    t = taus[0]
+    assert int((merge.trim(t, 0.25, threshold=t.abs().flatten().sort().values[-15]) != 0).sum()) == 15
+
+
+def test_dare_identity_expectation_norm_and_seed():
+    g = torch.Generator().manual_seed(2)
+    tau = torch.randn(200, 50, generator=g, dtype=torch.float64)
+    assert torch.equal(merge.dare(tau, 1.0, g), tau)
+    dropped = merge.dare(tau, 0.1, torch.Generator().manual_seed(0))
+    assert abs((dropped != 0).double().mean().item() - 0.1) < 0.01  # binomial: std 0.002
+    torch.testing.assert_close(dropped[dropped != 0], tau[dropped != 0] / 0.1)
+    mean = sum(merge.dare(tau, 0.5, torch.Generator().manual_seed(s)) for s in range(400)) / 400
+    assert (mean - tau).abs().mean() < 0.06 * tau.abs().mean()  # E[dare(tau)] = tau (inv_p)
+    l1 = merge.dare(tau, 0.3, torch.Generator().manual_seed(1), rescale="l1")
+    assert math.isclose(l1.abs().sum().item(), tau.abs().sum().item(), rel_tol=1e-9)
+    assert torch.equal(merge.dare(tau, 0.3, torch.Generator().manual_seed(5)), merge.dare(tau, 0.3, torch.Generator().manual_seed(5)))
+
+
+def test_lines_scales_the_task_vector_linearly_with_depth(tmp_path, finetuned):
+    base, (a, _, _) = finetuned
+    tb, ta = tensors(base), tensors(a)
+    assert all(torch.allclose(v, ta[k], atol=1e-6) for k, v in run_merge(tmp_path, "lines", [a], base, alpha=1.0, beta=0.0).items() if k in ta)
+    assert all(torch.allclose(v, tb[k], atol=1e-6) for k, v in run_merge(tmp_path, "lines", [a], base, alpha=0.0, beta=0.0).items() if k in tb)
+    out = run_merge(tmp_path, "lines", [a], base, alpha=0.2)  # single-task: beta = 1 - alpha
+    for k in tb:
+        layer = merge.LAYER.search(k)
+        scale = 0.2 + 0.8 * int(layer.group(1)) / 3 if layer else 0.2
+        torch.testing.assert_close(out[k], tb[k] + scale * (ta[k] - tb[k]), atol=1e-6, rtol=1e-6)
+    assert merge.lines_scale("model.layers.3.mlp.up_proj.weight", 4, 0.2, 0.8) == 1.0
+    assert merge.lines_scale("model.layers.11.mlp.0.weight", 12, 0.0, 1.0) == 1.0  # not block 1 (substring trap)
+    assert merge.lines_scale("model.norm.weight", 4, 0.2, 0.8) == 0.2
+
+
+def test_greedy_soup_keeps_only_improvements_and_is_never_worse_than_its_best_ingredient():
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.rand(5, generator=g).tolist()
+        soup_value = {}
+        kept, best, log = merge.greedy_soup(scores, lambda idx: soup_value.setdefault(tuple(idx), torch.rand(1, generator=g).item()))
+        assert kept[0] == max(range(5), key=lambda i: scores[i]) and best >= max(scores)
+        accepted = [e["candidate_score"] for e in log if e["accepted"]]
+        assert accepted == sorted(accepted) and all(s > max(scores) for s in accepted)
+        assert all(not e["accepted"] for e in log if e["candidate_score"] <= max([max(scores)] + [a for a in accepted if a < e["candidate_score"]]))
+    assert merge.greedy_soup([0.5, 0.5], lambda idx: 0.5)[0] == [0]  # equal is not better (official `>`)
+
+
+def test_greedy_soup_script_writes_a_loadable_model_and_logs_each_decision(tmp_path, finetuned):
+    base, paths = finetuned
+    out = tmp_path / "greedy"
+    run_script("merge.py", out, "--method", "greedy", "--models", ",".join(paths), "--greedy_metric", "loss",
+               "--select_samples", "8", "--eval_datasets", "")
+    rec = records(out)
+    ingredients = [r["select/loss"] for r in rec if r.get("event") == "ingredient"]
+    soup = next(r for r in rec if r.get("event") == "greedy_soup")
+    assert len(ingredients) == 3 and soup["select/loss"] <= min(ingredients)
+    assert soup["kept"][0] == paths[ingredients.index(min(ingredients))]  # the best ingredient first
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
+    want = run_merge(tmp_path, "uniform", soup["kept"])
+    assert all(torch.allclose(saved.state_dict()[k], v) for k, v in want.items())
+    assert os.path.isfile(out / "final" / "tokenizer.json") and saved.config.merge["method"] == "greedy"
+
+
+def test_mismatched_inputs_are_refused_by_tensor_name_and_nothing_is_written(tmp_path, finetuned):
+    base, (a, _, _) = finetuned
+    t = load_file(os.path.join(BASE, "model.safetensors"))
+    wrong = make_model(tmp_path / "wrong_shape", {**t, "model.layers.1.mlp.up_proj.weight": torch.zeros(3, 3)})
+    missing = make_model(tmp_path / "missing", {k: v for k, v in t.items() if k != "model.norm.weight"})
+    for bad, message in [(wrong, "model.layers.1.mlp.up_proj.weight: shape"), (missing, "tensor model.norm.weight is in")]:
+        proc = run_script("merge.py", tmp_path / "out", "--models", f"{a},{bad}", check=False)
+        assert proc.returncode != 0 and message in proc.stderr and not os.path.exists(tmp_path / "out" / "final")
+    other_vocab = make_model(tmp_path / "tok")
+    with open(os.path.join(other_vocab, "tokenizer.json")) as f:
+        tok = json.load(f)
+    tok["added_tokens"][-1]["content"] = "<|renamed|>"
+    with open(os.path.join(other_vocab, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    with pytest.raises(common.UsageError, match="tokenizers differ"):
+        merge.check_compatible([merge.Checkpoint(a), merge.Checkpoint(other_vocab)])
+    with pytest.raises(common.UsageError, match="needs --base"):
+        merge.main(merge.Args(method="ties", models=a, output_dir=str(tmp_path / "o")))
+
+
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+
+
+@pytest.mark.skipif(not MERGEKIT, reason="mergekit not installed (mergekit-yaml not on PATH, MERGEKIT_YAML not set)")
+@pytest.mark.parametrize("method,extra", [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.5}),
+                                          ("slerp", {"t": 0.3}), ("dare_linear", {"density": 1.0}), ("dare_ties", {"density": 1.0})])
+def test_same_tensors_as_mergekit_defaults(tmp_path, finetuned, method, extra):
+    """mergekit-yaml with its defaults (float32) against merge.py's rule, tensor by tensor."""
+    import subprocess
+    base, (a, b, c) = finetuned
+    models = [a, b] if method == "slerp" else [a, b, c]
+    weights = [1.0, 1.0] if method == "slerp" else [1.0, 0.5, 2.0]
+    per_model = {"weight": None} if method == "slerp" else {}
+    config = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": m, **({} if per_model else {"parameters": {"weight": w, **({"density": extra["density"]} if "density" in extra else {})}})}
+                         for m, w in zip(models, weights)]}
+    if method == "slerp":
+        config.update(base_model=a, parameters={"t": extra["t"]})
+    elif method != "linear":
+        config["base_model"] = base
+    with open(tmp_path / "config.yml", "w") as f:
+        json.dump(config, f)  # JSON is YAML
+    proc = subprocess.run([MERGEKIT, str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer",
+                           "--no-write-model-card", "--random-seed", "0", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = tensors(str(tmp_path / "mk"))
+    ours = run_merge(tmp_path, method, models, "" if method in ("linear", "slerp") else base,
+                     weights="" if method == "slerp" else ",".join(map(str, weights)), **extra)
+    assert set(theirs) == set(ours)
+    for k in ours:
+        close = torch.isclose(ours[k], theirs[k], atol=1e-6, rtol=1e-5)
+        if method == "ties":  # equal magnitudes at the trim threshold are kept in a different order (argsort vs topk)
+            assert (~close).sum() <= max(2, 1e-4 * close.numel()), k
+        else:
+            assert close.all(), k
