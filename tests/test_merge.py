@@ -1,7 +1,6 @@
 """merge.py: each rule against a slow elementwise computation and its limiting cases (soups of identical models,
 SLERP endpoints, TIES at density 1, DARE's expectation and norms, LiNeS at alpha = 1, beta = 0), the greedy soup's
 guarantee, streaming from shards, refusals by tensor name, and parity with mergekit when it is installed."""
-import dataclasses
 import json
 import math
 import os
