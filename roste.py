@@ -227,13 +227,22 @@ def hadamard_matrix(n: int):
     return torch.kron(hm, h) / math.sqrt(n)
 
 
-def hadamard(x):
-    """x @ hadamard_matrix(n) over the last dimension, without the matrix: a Walsh-Hadamard butterfly over the
-    power-of-2 factor (n log n) and a small dense product with H_m. At least float32 inside (the official online
-    rotations use float32), x's dtype out. Orthogonal, so hadamard(x) @ hadamard(w).T == x @ w.T."""
+@functools.lru_cache(maxsize=None)
+def _dense(n: int, dtype, device):
+    return hadamard_matrix(n).to(dtype=dtype, device=device)
+
+
+def hadamard(x, dense_up_to: int = 1024):
+    """x @ hadamard_matrix(n) over the last dimension (n = x.shape[-1]). Up to n = 1024 (heads, small models) one
+    product with the cached matrix; above, without the matrix: a Walsh-Hadamard butterfly over the power-of-2
+    factor (n log n) and a small dense product with H_m. At least float32 inside (the official online rotations
+    use float32), x's dtype out. Orthogonal, so hadamard(x) @ hadamard(w).T == x @ w.T."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    if x.shape[-1] <= dense_up_to:
+        return (x.to(compute) @ _dense(x.shape[-1], compute, x.device)).to(x.dtype)
     hm, p = hadamard_factor(x.shape[-1])
     m = hm.shape[0]
-    y, h = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, m, p), 1
+    y, h = x.to(compute).reshape(-1, m, p), 1
     while h < p:
         y = y.view(y.shape[0], m, p // (2 * h), 2, h)
         y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), -2)

@@ -86,6 +86,7 @@ def test_hadamard_matrices_are_orthogonal_and_the_fast_transform_equals_the_matr
     torch.testing.assert_close((h * math.sqrt(n)).abs(), torch.ones(n, n, dtype=torch.float64))  # entries +-1
     x = torch.randn(3, 2, n, dtype=torch.float64)
     torch.testing.assert_close(roste.hadamard(x), x @ h, atol=1e-10, rtol=0)
+    torch.testing.assert_close(roste.hadamard(x, dense_up_to=0), x @ h, atol=1e-10, rtol=0)  # the butterfly path
     w = torch.randn(5, n, dtype=torch.float64)
     torch.testing.assert_close(roste.hadamard(x) @ roste.hadamard(w).T, x @ w.T, atol=1e-9, rtol=0)
     assert math.isclose(roste.hadamard(w).norm().item(), w.norm().item(), rel_tol=1e-12)  # ||W H||_F = ||W||_F
