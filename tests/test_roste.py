@@ -233,3 +233,18 @@ def test_non_llama_layers_are_refused_by_name():
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
     with pytest.raises(common.UsageError, match="Llama-style layers"):
         roste.blocks(transformers.GPT2LMHeadModel(config))
+
+
+def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
+    """The rotation and the search are redone at start-up (deterministic), then the checkpoint's latent weights,
+    optimizer and RNG are loaded: resuming at step 3 ends exactly where the uninterrupted run ends."""
+    import shutil
+    from safetensors.torch import load_file
+    flags = [*QUICK, "--save_every", "3", "--search_samples", "16"]
+    run_script("roste.py", tmp_path / "whole", *flags)
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    run_script("roste.py", tmp_path / "resumed", *flags, "--resume", "auto")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")[3:]
+    ours, theirs = (load_file(os.path.join(tmp_path, d, "final", "model.safetensors")) for d in ("resumed", "whole"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
