@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import types
 import warnings
@@ -876,6 +877,14 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=Fa
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return saved["state"]
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory of this process so far, GiB: the CUDA allocator's peak on a GPU, the peak resident set on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class MetricsLogger:

@@ -371,7 +371,7 @@ def main(args):
     # COMMON: evaluate and save (the whole directory appears at once, or not at all)
     model.config.merge = {"method": args.method, "models": paths, "base": args.base, "weights": weights}
     final = evaluate(model, tokenizer, eval_sets, rt, args)
-    logger.log({"event": "eval_after", **final})
+    logger.log({"event": "eval_after", **final, "peak_memory_gib": common.peak_memory_gib(rt.device)})
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
 

@@ -76,6 +76,8 @@ class Args:
     """prompts per eval dataset (0 = all)"""
     eval_before: bool = True
     """also evaluate the starting model"""
+    eval_every: int = 0
+    """also score the target eval set every N steps (accuracy curve; 0 = only before and after training)"""
     max_new_tokens: int = 64
     """generation budget per eval answer"""
     eval_batch_size: int = 50
@@ -138,7 +140,7 @@ def main(args):
     loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
     optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup_ratio * args.steps))
-    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item()))
+    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     start_step, resume = 0, args.resume
     if resume == "auto":
@@ -186,10 +188,14 @@ def main(args):
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
             common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # the target set only
+            target_set = dict(list(eval_sets.items())[:1])
+            logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
     # COMMON: evaluate and save
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
-    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen})
+    logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
+                "peak_memory_gib": common.peak_memory_gib(rt.device)})
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
     if torch.distributed.is_initialized():
