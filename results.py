@@ -1,7 +1,7 @@
 """Results: every method on the embedded world, same model, data, judge and budget, side by side in RESULTS.md.
 
     python results.py --suite full          # 3 seeds x every method, ~1.2 h on 2 CPU cores: RESULTS.md and results/*.png
-    python results.py --suite quick         # 1 seed, 10 steps on a data subset, a few minutes: runs/results/quick/RESULTS.md
+    python results.py --suite quick         # 1 seed, 8 steps on a data subset, ~7 min: runs/results/quick/RESULTS.md
     python results.py --suite full --report # rewrite RESULTS.md from the finished runs only (no training)
     python results.py runs/study/code30_*   # any finished runs as a table: one row per name, `<name>_s<seed>` are seeds
 
@@ -71,7 +71,7 @@ def print_table(runs: list, metrics: list):
 SUITES = {  # equal budget: every training run of a group has the same steps x batch (32), data, lr and schedule
     "full": dict(seeds=3, steps=100, code_steps=30, eval_every=25, code_eval_every=10, eval_samples=0, train_samples=0,
                  search_samples=128, early_exit_prompts=50),
-    "quick": dict(seeds=1, steps=10, code_steps=6, eval_every=5, code_eval_every=3, eval_samples=20, train_samples=320,
+    "quick": dict(seeds=1, steps=8, code_steps=4, eval_every=4, code_eval_every=2, eval_samples=10, train_samples=160,
                   search_samples=16, early_exit_prompts=5),
 }
 CODE_EVALS = ",".join(f"{n}={os.path.join(DATA, t, s + '.jsonl')}" for n, t, s in [
@@ -230,6 +230,7 @@ def summarize(run: Run) -> dict:
         with open(os.path.join(run.dir, "suite.json")) as f:
             wall = json.load(f)["wall_s"]
     return {"after": after, "before": next((r for r in records if r.get("event") == "eval_before"), None),
+            "config": next((r for r in records if r.get("event") == "config"), {}),
             "merges": [r for r in records if r.get("event") == "eval_merge"],
             "loss": {s: r["loss"] for s, r in sorted(steps.items())}, "curve": dict(sorted(curve.items())),
             "train_s": sum(dts.values()) if dts else None,
@@ -245,7 +246,7 @@ def collect(runs: list) -> dict:
             out.setdefault(run.name, []).append(summarize(run))
     drift0 = out.get("drift", [{}])[0].get("merges") if "drift" in out else None
     if drift0:  # the naive merge is evaluated by drift.py (seed 0) before it trains
-        out["drift_merge"] = [{"after": drift0[0], "before": None, "loss": {}, "curve": {}, "train_s": None,
+        out["drift_merge"] = [{"after": drift0[0], "before": None, "config": {}, "loss": {}, "curve": {}, "train_s": None,
                                "tokens_per_s": None, "wall_s": None, "peak_gib": None}]
     return out
 
@@ -344,6 +345,11 @@ def claims(rows: dict) -> list:
 
 
 # ============================================================ RESULTS.md AND PLOTS
+def matplotlib_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(rows: dict, names: list, path: str, title: str) -> bool:
     """Training loss and target accuracy against the step, mean over seeds (band: min to max); False without matplotlib."""
     try:
@@ -382,6 +388,69 @@ def plot(rows: dict, names: list, path: str, title: str) -> bool:
     return True
 
 
+EXTRAS = {  # method-specific numbers: (label, record, key, scale, digits)
+    "s3ft": [("targets from own answers %", "config", "method/own", 100, 1), ("from rewrites %", "config", "method/rewrite", 100, 1),
+             ("gold kept %", "config", "method/gold", 100, 1), ("generation s (seed 0; cached after)", "config", "method/generate_s", 1, 0)],
+    "fait": [("examples with a failing variant %", "config", "method/with_variant", 100, 1),
+             ("generation + judging s (seed 0; cached after)", "config", "method/generate_s", 1, 0)],
+    "soft": [(f"exit {n} accuracy %", "after", f"eval/math/exit{n}/accuracy", 100, 1) for n in (1, 2, 3)]
+            + [("early exit (threshold 0.9) speed-up", "after", "method/threshold/speedup", 1, 2),
+               ("its mean exit layer", "after", "method/threshold/mean_exit_layer", 1, 2),
+               ("its accuracy %", "after", "method/threshold/accuracy", 100, 1), ("full model, same loop %", "after", "method/full/accuracy", 100, 1)],
+    "sft_exits": [(f"exit {n} accuracy %", "after", f"eval/math/exit{n}/accuracy", 100, 1) for n in (1, 2, 3)],
+    "roste": [("math loss, quantized", "after", "eval/math/loss", 1, 4), ("same weights, quantizers off", "after", "fp/eval/math/loss", 1, 4),
+              ("math accuracy, quantizers off %", "after", "fp/eval/math/accuracy", 100, 1)],
+    "sft_rtn": [("math loss, quantized", "after", "eval/math/loss", 1, 4), ("same weights, quantizers off", "after", "fp/eval/math/loss", 1, 4)],
+    "sft": [("math held-out loss", "after", "eval/math/loss", 1, 4)],
+    "drift_sft": [("cos(theta_end - theta_T, Delta)", "after", "method/param_cos", 1, 2),
+                  ("distance to theta_R / |Delta|", "after", "method/distance_to_reasoning", 1, 2)],
+    "drift": [("cos(theta_end - theta_T, Delta)", "after", "method/param_cos", 1, 2),
+              ("distance to theta_R / |Delta|", "after", "method/distance_to_reasoning", 1, 2)],
+}
+
+
+def group_table(rows: dict, group: str, rel, plots_dir: str) -> list:
+    target, ood, held, _ = GROUPS[group]
+    start = start_record(rows, group)
+    lines = [f"| method | {target} (ID) | {ood} (OOD) | held-out change ({', '.join(held)}) | train time (s) | tokens/s | "
+             "peak memory (GiB) | wall (s) | plot |", "|---|---|---|---|---|---|---|---|---|"]
+    if start:
+        lines.append(f"| starting model | {100 * start[f'eval/{target}/accuracy']:.1f} | {100 * start[f'eval/{ood}/accuracy']:.1f} | 0 | | | | | |")
+    for name, (label, g, _) in ROWS.items():
+        if g != group or name not in rows:
+            continue
+        r = rows[name]
+        png = os.path.join(plots_dir, f"{name}.png")
+        link = f"[png]({rel(png)})" if os.path.exists(png) else ""
+        lines.append(f"| {label} | {pct(accuracy(rows, name, target))} | {pct(accuracy(rows, name, ood))} | "
+                     f"{fmt(forgetting(rows, name), 100)} | {fmt([x['train_s'] for x in r], 1, 1)} | "
+                     f"{fmt([x['tokens_per_s'] for x in r], 1, 0)} | {fmt([x['peak_gib'] for x in r], 1, 2)} | "
+                     f"{fmt([x['wall_s'] for x in r], 1, 0)} | {link} |")
+    return lines
+
+
+def claims_table(rows: dict) -> list:
+    return (["| method | paper's claim | measured here | verdict |", "|---|---|---|---|"]
+            + [f"| {m} | {c} | {t} | {v} |" for m, c, t, v in claims(rows)])
+
+
+def write_readme_block(rows: dict, suite: str, path: str):
+    """Put the math table and the claims between the README's results markers (full suite only)."""
+    begin, end = "<!-- results:begin (written by python results.py --suite full) -->", "<!-- results:end -->"
+    with open(path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        return
+    rel = lambda p: os.path.relpath(p, HERE)
+    block = "\n".join([begin, "", f"Math, every method from the base model, {SUITES[suite]['steps']} steps x 32, "
+                       f"{SUITES[suite]['seeds']} seeds (code and DRIFT groups, per-task columns and plots: [RESULTS.md](RESULTS.md)):", "",
+                       *group_table(rows, "math", rel, os.path.join(HERE, "results")), "", *claims_table(rows), "", end])
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_report(suite: str, rows: dict, out: str, plots_dir: str, total_wall: float):
     import torch
     b = SUITES[suite]
@@ -408,21 +477,7 @@ def write_report(suite: str, rows: dict, out: str, plots_dir: str, total_wall: f
                            ("drift", "DRIFT: the code model (theta_T) learns math with the math SFT model (theta_R) as the prior")):
         target, ood, held, _ = GROUPS[group]
         start = start_record(rows, group)
-        lines += [f"## {heading}", "",
-                  f"| method | {target} (ID) | {ood} (OOD) | held-out change ({', '.join(held)}) | train time (s) | tokens/s | peak memory (GiB) | wall (s) | plot |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        if start:
-            lines.append(f"| starting model | {100 * start[f'eval/{target}/accuracy']:.1f} | {100 * start[f'eval/{ood}/accuracy']:.1f} | 0 | | | | | |")
-        for name, (label, g, _) in ROWS.items():
-            if g != group or name not in rows:
-                continue
-            r = rows[name]
-            png = os.path.join(plots_dir, f"{name}.png")
-            link = f"[png]({rel(png)})" if os.path.exists(png) else ""
-            lines.append(f"| {label} | {pct(accuracy(rows, name, target))} | {pct(accuracy(rows, name, ood))} | "
-                         f"{fmt(forgetting(rows, name), 100)} | {fmt([x['train_s'] for x in r], 1, 0)} | "
-                         f"{fmt([x['tokens_per_s'] for x in r], 1, 0)} | {fmt([x['peak_gib'] for x in r], 1, 2)} | "
-                         f"{fmt([x['wall_s'] for x in r], 1, 0)} | {link} |")
+        lines += [f"## {heading}", "", *group_table(rows, group, rel, plots_dir)]
         overview = os.path.join(plots_dir, f"group_{group}.png")
         if os.path.exists(overview):
             lines += ["", f"All of the group's training runs in one plot: [group_{group}.png]({rel(overview)})"]
@@ -436,8 +491,13 @@ def write_report(suite: str, rows: dict, out: str, plots_dir: str, total_wall: f
               "The verdict is computed from the numbers above (the sign of the mean difference; a note where it is "
               "within 2 standard errors over seeds). One small model, one budget: reproduced in direction is not "
               "a reproduction of the paper's size of effect.", "",
-              "| method | paper's claim | measured here | verdict |", "|---|---|---|---|"]
-    lines += [f"| {m} | {c} | {t} | {v} |" for m, c, t, v in claims(rows)]
+              *claims_table(rows), "", "## Method-specific measurements", ""]
+    for name, extras in EXTRAS.items():
+        if name in rows:
+            once = lambda key: rows[name][:1] if key.endswith("generate_s") else rows[name]  # later seeds read the cache
+            values = [f"{label} {fmt([r[rec].get(key) for r in once(key)], scale, digits) or 'n/a'}"
+                      for label, rec, key, scale, digits in extras]
+            lines.append(f"- **{ROWS[name][0]}** ({ROWS[name][1]} group): " + "; ".join(values))
     with open(out + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(out + ".tmp", out)
@@ -478,6 +538,8 @@ def main():
     for group in GROUPS:
         plot(rows, [n for n in drawn if ROWS[n][1] == group], os.path.join(plots_dir, f"group_{group}.png"), f"{group} group")
     write_report(args.suite, rows, out, plots_dir, total)
+    if args.suite == "full" and not args.out:
+        write_readme_block(rows, args.suite, os.path.join(HERE, "README.md"))
     print(f"wrote {out} ({len(drawn)} methods plotted in {plots_dir})")
 
 
