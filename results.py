@@ -215,6 +215,14 @@ def fmt(values: list, scale: float = 1.0, digits: int = 1) -> str:
     return f"{m * scale:.{digits}f}" + (f" ± {s * scale:.{digits}f}" if len([v for v in values if v is not None]) > 1 else "")
 
 
+def training_ce(record: dict) -> float:
+    """The step's cross-entropy of the full model, comparable across methods: DFT/ASFT/OTR log it as method/ce,
+    SoFT per exit (the deepest is the full model); the others optimise it (FAIT: its token-weighted version)."""
+    exits = sorted((int(k[len("method/exit"):-len("/ce")]), v) for k, v in record.items()
+                   if k.startswith("method/exit") and k.endswith("/ce"))
+    return record.get("method/ce", exits[-1][1] if exits else record["loss"])
+
+
 def summarize(run: Run) -> dict:
     """One run's numbers: final accuracies, curves, time, throughput, memory."""
     records = read_metrics(run.dir)
@@ -232,7 +240,7 @@ def summarize(run: Run) -> dict:
     return {"after": after, "before": next((r for r in records if r.get("event") == "eval_before"), None),
             "config": next((r for r in records if r.get("event") == "config"), {}),
             "merges": [r for r in records if r.get("event") == "eval_merge"],
-            "loss": {s: r["loss"] for s, r in sorted(steps.items())}, "curve": dict(sorted(curve.items())),
+            "loss": {s: training_ce(r) for s, r in sorted(steps.items())}, "curve": dict(sorted(curve.items())),
             "train_s": sum(dts.values()) if dts else None,
             "tokens_per_s": sum(steps[s]["tokens"] for s in timed) / sum(dts[s] for s in timed) if timed else None,
             "wall_s": wall, "peak_gib": after.get("peak_memory_gib")}
@@ -373,10 +381,12 @@ def plot(rows: dict, names: list, path: str, title: str) -> bool:
             if not steps:
                 continue
             ys = [[c[s] * (100 if key == "curve" else 1) for c in curves] for s in steps]
+            if key == "loss" and len(steps) > 20:  # a running mean over 5 steps: one batch's loss is noisy
+                ys = [[statistics.mean(y[j] for y in ys[max(0, i - 4):i + 1]) for j in range(len(curves))] for i in range(len(ys))]
             line, = ax.plot(steps, [statistics.mean(y) for y in ys], label=ROWS[name][0], marker="o" if key == "curve" else None, ms=3)
             if len(seeds) > 1:
                 ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
-    ax_loss.set(xlabel="step", ylabel="training loss (each method's own objective)", yscale="log")
+    ax_loss.set(xlabel="step", ylabel="training cross-entropy (FAIT: weighted; 5-step mean)", yscale="log")
     ax_acc.set(xlabel="step", ylabel="target accuracy, % (greedy, judge)")
     ax_acc.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
