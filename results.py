@@ -1,6 +1,6 @@
 """Results: every method on the embedded world, same model, data, judge and budget, side by side in RESULTS.md.
 
-    python results.py --suite full          # 3 seeds x every method, ~1.2 h on 2 CPU cores: RESULTS.md and results/*.png
+    python results.py --suite full          # 3 seeds x every method, 90 min on 2 CPU cores: RESULTS.md and results/*.png
     python results.py --suite quick         # 1 seed, 8 steps on a data subset, ~7 min: runs/results/quick/RESULTS.md
     python results.py --suite full --report # rewrite RESULTS.md from the finished runs only (no training)
     python results.py runs/study/code30_*   # any finished runs as a table: one row per name, `<name>_s<seed>` are seeds
@@ -240,6 +240,7 @@ def summarize(run: Run) -> dict:
     return {"after": after, "before": next((r for r in records if r.get("event") == "eval_before"), None),
             "config": next((r for r in records if r.get("event") == "config"), {}),
             "merges": [r for r in records if r.get("event") == "eval_merge"],
+            "ingredients": [r for r in records if r.get("event") == "ingredient"],
             "loss": {s: training_ce(r) for s, r in sorted(steps.items())}, "curve": dict(sorted(curve.items())),
             "train_s": sum(dts.values()) if dts else None,
             "tokens_per_s": sum(steps[s]["tokens"] for s in timed) / sum(dts[s] for s in timed) if timed else None,
@@ -254,7 +255,7 @@ def collect(runs: list) -> dict:
             out.setdefault(run.name, []).append(summarize(run))
     drift0 = out.get("drift", [{}])[0].get("merges") if "drift" in out else None
     if drift0:  # the naive merge is evaluated by drift.py (seed 0) before it trains
-        out["drift_merge"] = [{"after": drift0[0], "before": None, "config": {}, "loss": {}, "curve": {}, "train_s": None,
+        out["drift_merge"] = [{"after": drift0[0], "before": None, "config": {}, "ingredients": [], "loss": {}, "curve": {}, "train_s": None,
                                "tokens_per_s": None, "wall_s": None, "peak_gib": None}]
     return out
 
@@ -336,10 +337,15 @@ def claims(rows: dict) -> list:
                 f"threshold 0.9: {fmt(speed, 1, 2)}x the full model's tokens/s (batch 1), accuracy {pct(thr)} vs {pct(full)}",
                 verdict([(*difference(speed, [1.0] * len(speed)), True)])))
     pair("RoSTE", "RoSTE > SFT then quantization (W4A4KV4)", "roste", "sft_rtn", "RoSTE", "SFT + RTN")
-    single = [max(acc("sft"))] if acc("sft") and None not in acc("sft") else []
+    # the best single model is the one the soup paper names: best on the held-out selection set, scored on test
+    ingredients = rows["soup_greedy"][0]["ingredients"] if rows.get("soup_greedy") else []
+    chosen = os.path.dirname(max(ingredients, key=lambda r: r["select/accuracy"])["model"]) if ingredients else None
+    single = [r["after"]["eval/math/accuracy"] for runs in rows.values() for r in runs
+              if chosen and os.path.abspath(r["config"].get("output_dir", "")) == chosen]
     g, u = acc("soup_greedy"), acc("soup_uniform")
     out.append(("Greedy soup", "greedy soup >= best single model > uniform soup",
-                f"math: greedy {pct(g)}, best single SFT run {pct(single)}, uniform {pct(u)}",
+                f"math: greedy {pct(g)}, best single by validation {pct(single)} (best on test "
+                f"{pct([max(acc('sft'))] if acc('sft') else [])}), uniform {pct(u)}",
                 verdict([(*difference(g, single), False), (*difference(single, u), True)])))
     f_lines = forgetting(rows, "lines")
     out.append(("LiNeS", "less forgetting than fine-tuning (keeping most of the target gain)",
@@ -386,7 +392,7 @@ def plot(rows: dict, names: list, path: str, title: str) -> bool:
             line, = ax.plot(steps, [statistics.mean(y) for y in ys], label=ROWS[name][0], marker="o" if key == "curve" else None, ms=3)
             if len(seeds) > 1:
                 ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
-    ax_loss.set(xlabel="step", ylabel="training cross-entropy (FAIT: weighted; 5-step mean)", yscale="log")
+    ax_loss.set(xlabel="step", ylabel="training cross-entropy (5-step mean)", yscale="log")
     ax_acc.set(xlabel="step", ylabel="target accuracy, % (greedy, judge)")
     ax_acc.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

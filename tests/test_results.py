@@ -106,3 +106,20 @@ def test_plot_writes_png(tmp_path):
     path = str(tmp_path / "sft.png")
     assert results.plot(rows, ["sft"], path, "t")
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_soup_claim_compares_the_single_model_chosen_on_validation(tmp_path):
+    runs = [write_run(tmp_path, "sft", 0, 0.40, [0.1, 0.0, 0.05], before=BASE), write_run(tmp_path, "sft", 1, 0.30, [0.1, 0.0, 0.05]),
+            write_run(tmp_path, "soup_greedy", 0, 0.30, [0.1, 0.0, 0.05]), write_run(tmp_path, "soup_uniform", 0, 0.35, [0.1, 0.0, 0.05])]
+    for run in runs:  # the runs' own output_dir, as the scripts log it
+        with open(os.path.join(run.dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        records[0]["output_dir"] = run.dir
+        if run.name == "soup_greedy":  # seed 1 is better on the selection set, seed 0 on test
+            records[1:1] = [{"event": "ingredient", "model": os.path.join(runs[i].dir, "final"), "select/accuracy": a}
+                            for i, a in ((0, 0.36), (1, 0.38))]
+        with open(os.path.join(run.dir, "metrics.jsonl"), "w") as f:
+            f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    table = {m: (t, v) for m, _, t, v in results.claims(results.collect(runs))}
+    assert "greedy 30.0, best single by validation 30.0 (best on test 40.0), uniform 35.0" in table["Greedy soup"][0]
+    assert table["Greedy soup"][1] == "not reproduced"  # greedy >= chosen single holds, chosen single > uniform does not
