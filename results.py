@@ -304,7 +304,7 @@ def pct(values: list) -> str:
 
 def claims(rows: dict) -> list:
     """(method, the paper's headline claim, what we measured, verdict) rows."""
-    acc = lambda name, group="math": accuracy(rows, name, GROUPS[ROWS[name][1]][0])
+    acc = lambda name: accuracy(rows, name, GROUPS[ROWS[name][1]][0])  # on its group's target task
     out = []
 
     def pair(method, claim, a, b, label_a, label_b, strict=True, extra=""):
