@@ -253,9 +253,9 @@ def collect(runs: list) -> dict:
     for run in runs:
         if run.done():
             out.setdefault(run.name, []).append(summarize(run))
-    drift0 = out.get("drift", [{}])[0].get("merges") if "drift" in out else None
-    if drift0:  # the naive merge is evaluated by drift.py (seed 0) before it trains
-        out["drift_merge"] = [{"after": drift0[0], "before": None, "config": {}, "ingredients": [], "loss": {}, "curve": {}, "train_s": None,
+    merges = out["drift"][0]["merges"] if "drift" in out else []
+    if merges:  # the naive merge is evaluated by drift.py (seed 0) before it trains
+        out["drift_merge"] = [{"after": merges[0], "before": None, "config": {}, "ingredients": [], "loss": {}, "curve": {}, "train_s": None,
                                "tokens_per_s": None, "wall_s": None, "peak_gib": None}]
     return out
 
@@ -307,9 +307,9 @@ def claims(rows: dict) -> list:
     acc = lambda name: accuracy(rows, name, GROUPS[ROWS[name][1]][0])  # on its group's target task
     out = []
 
-    def pair(method, claim, a, b, label_a, label_b, strict=True, extra=""):
+    def pair(method, claim, a, b, label_a, label_b, strict=True):
         d, se = difference(acc(a), acc(b))
-        text = f"{GROUPS[ROWS[a][1]][0]} accuracy: {label_a} {pct(acc(a))} vs {label_b} {pct(acc(b))}" + extra
+        text = f"{GROUPS[ROWS[a][1]][0]} accuracy: {label_a} {pct(acc(a))} vs {label_b} {pct(acc(b))}"
         out.append((method, claim, text, verdict([(d, se, strict)])))
 
     f_s3, f_sft = forgetting(rows, "s3ft"), forgetting(rows, "sft")

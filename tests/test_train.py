@@ -79,8 +79,12 @@ def test_final_model_round_trips_through_from_pretrained(tmp_path):
 
     import common
     test = os.path.join(common.WORLD_DIR, "data", "math", "test.jsonl")
-    run(tmp_path, "--eval_datasets", f"math={test}", "--eval_samples", "8", "--eval_before", "false")
+    rc = os.path.join(common.WORLD_DIR, "data", "rc", "test.jsonl")
+    run(tmp_path, "--eval_datasets", f"math={test},rc={rc}", "--eval_samples", "8", "--eval_before", "false", "--eval_every", "2")
     final = [r for r in records(tmp_path) if r.get("event") == "eval_after"][0]
+    during = [r for r in records(tmp_path) if r.get("event") == "eval"]  # --eval_every: the target set only, not at the end
+    assert [r["step"] for r in during] == [2, 4] and all(not any("/rc/" in k for k in r) for r in during)
+    assert "eval/math/accuracy" in during[0] and "eval/rc/accuracy" in final and 0.1 < final["peak_memory_gib"] < 20
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
     examples = common.load_sft_data(test, tokenizer, 512)[0][:8]
