@@ -44,7 +44,9 @@ class Args:
     seed: int = 0
     """seed of data order, sampling and evaluation"""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 (parameters and compute)"""
+    """compute dtype: float32 | bfloat16 (mixed precision: fp32 master weights and AdamW state, bf16 matmuls)"""
+    save_dtype: str = ""
+    """dtype of the saved final model: float32 | bfloat16 | float16; empty = the starting model's"""
     device: str = "auto"
     """auto | cpu | cuda"""
     max_length: int = 512
@@ -71,6 +73,8 @@ class Args:
     """compile the fused loss's per-chunk function with torch.compile"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -113,25 +117,33 @@ def dft_objective(logits, labels, weights):
     return -weights * logp.exp().detach() * logp, logp
 
 
-def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft):
+def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft, ref_scale=None, ref_softcap=None):
     """ASFT per-token loss (Zhu et al. 2025): l_t = -w_t log p_t + lambda * KL(pi_ref(.|s_t) || pi_theta(.|s_t)).
 
     logits = z_t [C, V] of pi_theta; ref_hidden [C, H_ref] and ref_head [V, H_ref] give the reference's logits
     for the same chunk (formed here, never for all tokens); kl_weight = lambda (0-d tensor); dft (0-d) = 1 for
     w_t = sg[p_t] (ASFT), 0 for w_t = 1 (sft+kl). KL = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)), the
-    paper's direction (forward, mode-covering), over the full vocabulary, both sides in fp32.
+    paper's direction (forward, mode-covering), over the full vocabulary, both sides in fp32. ref_scale and
+    ref_softcap (0-d) are the reference's own logit post-processing (common.logit_map; softcap 0 = none): the
+    policy's is applied to `logits` by the fused loss before this call.
     Logit gradient: w_t (softmax(z) - e_y) + lambda (pi_theta - pi_ref). Returns (loss, log p_t, KL_t)."""
     logp_all = logits.log_softmax(-1)
     logp = common.label_logit(logp_all, labels)
-    ref_logp = (ref_hidden @ ref_head.t()).to(logits.dtype).log_softmax(-1)
+    ref_logits = (ref_hidden @ ref_head.t()).to(logits.dtype)
+    if ref_scale is not None:
+        ref_logits = ref_logits * ref_scale
+        cap = ref_softcap.clamp(min=1e-6)
+        ref_logits = torch.where(ref_softcap > 0, cap * torch.tanh(ref_logits / cap), ref_logits)
+    ref_logp = ref_logits.log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - logp_all)).sum(-1)
     w = torch.where(dft > 0, logp.exp().detach(), torch.ones_like(logp))
     return weights * (-w * logp + kl_weight * kl), logp, kl.detach()
 
 
-def load_reference(args, model, tokenizer, rt):
+def load_reference(args, model, tokenizer, rt, batch):
     """The frozen pi_ref: --ref_model or the starting weights, eval mode, no gradients; returns its decoder
-    (final hidden states) and LM head weight. Under FSDP the decoder is sharded like the policy's and the head
+    (final hidden states), LM head weight and logit post-processing (scale, softcap) as 0-d tensors, after
+    common.check_objective on `batch`. Under FSDP the decoder is sharded like the policy's and the head
     is a whole copy on every rank (the anchor needs all V rows per chunk)."""
     reference, ref_tokenizer = common.load_model(args.ref_model or args.model, args.dtype, rt.device, args.trust_remote_code)
     vocab, ref_vocab = model.get_output_embeddings().weight.shape[0], reference.get_output_embeddings().weight.shape[0]
@@ -139,6 +151,8 @@ def load_reference(args, model, tokenizer, rt):
         raise common.UsageError(f"--ref_model {args.ref_model!r}: its vocabulary ({ref_vocab} rows, {len(ref_tokenizer)} "
                                 f"tokens) differs from --model {args.model!r}'s ({vocab} rows, {len(tokenizer)} tokens)")
     reference.eval().requires_grad_(False)
+    common.check_objective(reference, batch, rt, "--ref_model")
+    ref_map = tuple(torch.tensor(v, device=rt.device) for v in common.logit_map(reference))
     decoder, head = reference.get_decoder(), reference.get_output_embeddings().weight
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -146,33 +160,34 @@ def load_reference(args, model, tokenizer, rt):
         for layer in decoder.layers:
             fully_shard(layer)
         fully_shard(decoder)
-    return decoder, head
+    return decoder, head, ref_map
 
 
 # COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
 def compute_loss(model, batch, args, reference=None):
     """Summed per-token ASFT/DFT loss of a micro-batch; the caller normalises by the global token count."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden, router_loss, metrics = common.decoder_forward(model, batch)  # router_loss: MoE load balancing, else 0
     # METHOD: the objective of --mode in training; the held-out loss (no grad) stays plain cross-entropy, as in sft.py
     objective, inputs, constants = common.cross_entropy_objective, (), ()
     if torch.is_grad_enabled() and args.mode == "dft":
         objective = dft_objective
     elif torch.is_grad_enabled() and args.mode in ("sft+kl", "asft"):
-        ref_decoder, ref_head = reference
+        ref_decoder, ref_head, ref_map = reference
         with torch.no_grad():
             ref_hidden = ref_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         objective, inputs = asft_objective, (ref_hidden,)
         constants = (ref_head, torch.tensor(args.kl_weight, device=hidden.device),
-                     torch.tensor(float(args.mode == "asft"), device=hidden.device))
+                     torch.tensor(float(args.mode == "asft"), device=hidden.device), *ref_map)
     loss_sum, logp, *kl = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
                                                             objective=objective, token_inputs=inputs, constants=constants,
+                                                            logit_map=common.logit_map(model),
                                                             chunk_size=args.chunk_size or None, compile=args.compile)
     mask = batch["targets"] != common.IGNORE_INDEX
     n = mask.sum().clamp(min=1)
-    metrics = {"ce": (-logp[mask].sum() / n).item(), "label_prob": (logp[mask].exp().sum() / n).item()}
+    metrics |= {"ce": (-logp[mask].sum() / n).item(), "label_prob": (logp[mask].exp().sum() / n).item()}
     if kl:
         metrics["kl"] = (kl[0][mask].sum() / n).item()
-    return loss_sum, metrics
+    return loss_sum + router_loss, metrics
 
 
 def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
@@ -199,11 +214,11 @@ def main(args):
         raise common.UsageError(f"--kl_weight must be >= 0, got {args.kl_weight}")
 
     # COMMON: seed, distributed
-    rt = common.setup_distributed(args.device)
+    rt = common.setup_distributed(args.device, args.dtype)
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
@@ -221,12 +236,15 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+    common.check_objective(model, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device), rt)
 
     # METHOD: the frozen reference model when the anchor is on
-    reference = load_reference(args, model, tokenizer, rt) if args.mode in ("sft+kl", "asft") else None
+    reference = None
+    if args.mode in ("sft+kl", "asft"):
+        reference = load_reference(args, model, tokenizer, rt, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device))
 
     # COMMON: optimizer and schedule
-    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args, reference), rt, args.fsdp)
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args, reference), rt, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup_ratio * args.steps))
     cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
@@ -272,7 +290,7 @@ def main(args):
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
-                    **{f"method/{k}": v for k, v in metrics.items()}})
+                    **{k if k.startswith("moe/") else f"method/{k}": v for k, v in metrics.items()}})
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
@@ -285,7 +303,7 @@ def main(args):
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

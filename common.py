@@ -39,6 +39,7 @@ class Runtime:
     world_size: int
     device: torch.device
     is_main: bool
+    dtype: torch.dtype = torch.float32  # compute dtype: bf16 = autocast over fp32 master weights (see `precision`)
 
 
 def parse_args(args_class):
@@ -56,9 +57,10 @@ def parse_args(args_class):
     return HfArgumentParser(args_class).parse_args_into_dataclasses()[0]
 
 
-def setup_distributed(device: str = "auto") -> Runtime:
+def setup_distributed(device: str = "auto", dtype: str = "float32") -> Runtime:
     """Read torchrun's environment; init gloo on CPU, nccl (+ gloo for CPU tensors) on GPU, also for one torchrun
-    process (FSDP needs a group). Single process needs no torchrun."""
+    process (FSDP needs a group). Single process needs no torchrun. `dtype` is the compute dtype (--dtype)."""
+    compute = compute_dtype(dtype)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
@@ -69,7 +71,7 @@ def setup_distributed(device: str = "auto") -> Runtime:
     if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         # on GPU: nccl for CUDA tensors and gloo for the few CPU ones (log statistics, gathered eval shards)
         dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Runtime(rank, local_rank, world, dev, rank == 0)
+    return Runtime(rank, local_rank, world, dev, rank == 0, compute)
 
 
 def print0(*args, **kwargs):
@@ -100,26 +102,33 @@ def seed_everything(seed: int):
 
 class LossModule(torch.nn.Module):
     """Wraps model + loss function so DDP/FSDP hooks see the whole step (the loss reads lm_head's weight
-    directly, outside lm_head.forward). `loss_fn(model, batch)` returns (summed loss, metrics dict)."""
+    directly, outside lm_head.forward), run in the compute precision. `loss_fn(model, batch)` returns
+    (summed loss, metrics dict)."""
 
-    def __init__(self, model, loss_fn):
+    def __init__(self, model, loss_fn, rt: Runtime):
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.rt = model, loss_fn, rt
 
     def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+        with precision(self.rt):
+            return self.loss_fn(self.model, batch)
 
 
-def wrap_model(model, loss_fn, rt: Runtime, fsdp: bool = False):
-    """DDP by default, FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True."""
-    module = LossModule(model, loss_fn)
+def wrap_model(model, loss_fn, rt: Runtime, fsdp: bool = False, gradient_checkpointing: bool = False):
+    """DDP by default, FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True. In bf16, DDP keeps
+    fp32 parameters and autocasts; FSDP2 gathers bf16 copies of the fp32 shards (MixedPrecisionPolicy) and reduces
+    gradients in fp32. gradient_checkpointing: recompute each decoder layer in the backward (non-reentrant)."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = LossModule(model, loss_fn, rt)
     if rt.world_size == 1 and not fsdp:
         return module
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.get_decoder().layers:
-            fully_shard(layer)
-        return fully_shard(module)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(module, mp_policy=policy)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
@@ -149,10 +158,27 @@ def gradient_sync(wrapped, sync: bool):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def compute_dtype(dtype: str) -> torch.dtype:
+    """--dtype as the compute dtype of training: float32, or bfloat16 mixed precision (fp32 master weights and
+    optimizer state, bf16 matmuls). float16 would need a loss scaler, which no script has: refused."""
+    if dtype not in ("float32", "bfloat16"):
+        hint = " (float16 training needs a gradient scaler, not implemented here; use bfloat16)" if dtype == "float16" else ""
+        raise UsageError(f"--dtype must be float32 or bfloat16, got {dtype!r}{hint}")
+    return DTYPES[dtype]
+
+
+def precision(rt: Runtime):
+    """The compute precision of forward passes: autocast to rt.dtype (bf16 matmuls over fp32 weights), else nothing.
+    The fused loss runs its chunks in the autocast dtype and its softmax math in fp32."""
+    return torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)
+
+
 def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_code: bool = False):
-    """Model and tokenizer by hub id or local directory (safetensors only)."""
+    """Model and tokenizer by hub id or local directory (safetensors only), parameters in `dtype`: float32 for the
+    trained model (master weights; --dtype is then the compute dtype), --dtype for frozen ones (references,
+    teachers). `model.source_dtype` records the checkpoint's own dtype, the default dtype of the saved model."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     transformers.utils.logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -161,6 +187,7 @@ def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_cod
         raise UsageError(f"--model {path!r}: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        source = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -170,7 +197,73 @@ def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_cod
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise UsageError(f"--model {path!r}: the tokenizer has no chat template; use an instruct model")
+    model.source_dtype = source if isinstance(source, torch.dtype) else DTYPES.get(str(source), torch.float32)
     return model.to(device), tokenizer
+
+
+def decoder_layers(model) -> list:
+    """The decoder's block list, whatever its attribute name (`layers`; GPT-2's `h`)."""
+    decoder = model.get_decoder()
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
+            return list(getattr(decoder, name))
+    raise UsageError(f"{type(model).__name__}: no decoder layer list found (expected decoder.layers or decoder.h)")
+
+
+def decoder_forward(model, batch) -> tuple:
+    """The decoder's final hidden states (after the final norm, before the LM head) and, for a mixture of experts,
+    the model's own router load-balancing loss times its config's `router_aux_loss_coef`, in summed-loss units
+    (times the micro-batch's loss tokens, so the global token normalisation turns it into the token-weighted mean
+    of the per-micro-batch losses; one micro-batch gives exactly the model's own `loss + coef * aux_loss`).
+    Returns (hidden [B, T, H], router loss (0-d), metrics: {"moe/router_aux_loss": aux} for MoE, else {})."""
+    decoder = model.get_decoder()
+    coef = getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0
+    balance = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if not coef or balance is None:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return hidden, hidden.new_zeros((), dtype=torch.float32), {}
+    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    experts = getattr(model, "num_experts", None) or model.config.num_experts
+    top_k = getattr(model, "num_experts_per_tok", None) or model.config.num_experts_per_tok
+    aux = balance(out.router_logits, experts, top_k, batch["attention_mask"]).float()
+    tokens = (batch["targets"] != IGNORE_INDEX).sum()
+    return out.last_hidden_state, coef * aux * tokens, {"moe/router_aux_loss": aux.detach()}
+
+
+def logit_map(model) -> tuple:
+    """(scale, softcap) of the model's own logit post-processing after the LM head: logits = scale * (h @ W^T),
+    then softcap * tanh(logits / softcap) when softcap > 0. Gemma 2/3: final_logit_softcapping; Cohere: logit_scale;
+    Granite: 1 / logits_scaling. Any other post-processing is caught by `check_objective` at start-up."""
+    config = getattr(model.config, "text_config", None) or model.config
+    scale = float(getattr(model, "logit_scale", None) or getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    return scale, float(getattr(config, "final_logit_softcapping", None) or 0.0)
+
+
+@torch.no_grad()
+def check_objective(model, batch, rt: Runtime, what: str = "--model", rows: int = 2, length: int = 128):
+    """Start-up guard against a silently wrong objective: the token-mean cross-entropy that training computes
+    (decoder_forward, then the fused loss with logit_map) must equal the one from the model's own
+    `forward(...).logits`, on a small slice of a real batch, in the training precision. A mismatch (an
+    architecture whose logits get a treatment nobody listed) stops the run before training."""
+    part = {k: v[:rows, :length] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2}
+    tokens = (part["targets"] != IGNORE_INDEX).sum().clamp(min=1)
+    was_training = model.training
+    model.eval()
+    with precision(rt):
+        hidden, _, _ = decoder_forward(model, part)
+        ours, _ = fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, part["targets"],
+                                             logit_map=logit_map(model), compile=False)
+        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits.float()
+    model.train(was_training)
+    theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), part["targets"].flatten(), reduction="sum")
+    ours, theirs = (ours.float() / tokens).item(), (theirs / tokens).item()
+    tolerance = 1e-3 if rt.dtype == torch.float32 else 3e-2
+    if not abs(ours - theirs) <= tolerance * max(1.0, abs(theirs)):
+        raise UsageError(f"{what}: the training loss on this {model.config.model_type} model ({type(model).__name__}) "
+                         f"is {ours:.4f} per token but its own forward's logits give {theirs:.4f}: its logits get a "
+                         f"treatment the fused loss does not apply, so training would optimise the wrong objective")
+    return ours, theirs
 
 
 # ============================================================ DATA
@@ -349,10 +442,16 @@ def cross_entropy_objective(logits, labels, weights):
     return -weights.to(logp.dtype) * logp, logp
 
 
-def _chunk_step(objective, logits, labels, weights, *inputs):
-    """Per-chunk loss and gradient: overwrites `logits` with d(sum of losses)/d(logits)."""
+def _chunk_step(objective, logits, labels, weights, scale, softcap, *inputs):
+    """Per-chunk loss and gradient: overwrites `logits` with d(sum of losses)/d(logits). The model's own logit
+    post-processing (`logit_map`: scale, then softcap * tanh(. / softcap)) is applied in fp32 before the objective."""
     def total(z):
-        out = objective(z.to(torch.promote_types(z.dtype, torch.float32)), labels, weights, *inputs)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        if scale != 1.0:
+            z = z * scale
+        if softcap > 0:
+            z = softcap * torch.tanh(z / softcap)
+        out = objective(z, labels, weights, *inputs)
         return out[0].sum(), tuple(o.detach() for o in out)
     dz, out = torch.func.grad(total, has_aux=True)(logits)
     logits.copy_(dz)
@@ -389,8 +488,10 @@ def _chunk_fn(objective, compile: bool):
     return _COMPILED[objective]
 
 
-def _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, compile, need_dh, need_dw, inputs, constants):
-    """Chunked pass over the compacted rows: loss and label log-prob per row, dh and dW (fp32) for loss.sum()."""
+def _gradients_in_forward(h, weight, labels, weights, objective, logit_map, chunk_size, compile, need_dh, need_dw,
+                          inputs, constants):
+    """Chunked pass over the compacted rows: loss and label log-prob per row, dh and dW (fp32) for loss.sum().
+    h and weight arrive in the compute dtype; the chunk's logits are formed in it."""
     n, vocab = h.shape[0], weight.shape[0]
     fn = _chunk_fn(objective, compile)
     dh = torch.empty_like(h) if need_dh else None
@@ -404,10 +505,11 @@ def _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, com
         e = min(s + chunk_size, n)
         logits = buffer[: e - s]
         torch.mm(h[s:e], weight.t(), out=logits)
-        args = [logits, labels[s:e], weights[s:e]] + [t[s:e] for t in inputs]
+        args = [logits, labels[s:e], weights[s:e], *logit_map] + [t[s:e] for t in inputs]
         if compile:
             for t in args:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+                if torch.is_tensor(t):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
         outs.append(fn(*args, *constants))  # logits now holds dlogits
         if need_dh:
             torch.mm(logits, weight, out=dh[s:e])
@@ -421,16 +523,18 @@ def _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, com
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Gradient-in-forward: forward computes dh and dW chunk by chunk, backward only scales them.
-    A second backward (retain_graph) recomputes instead of reusing the consumed buffers."""
+    A second backward (retain_graph) recomputes instead of reusing the consumed buffers. Runs with autocast off:
+    h and W are cast to `compute` explicitly, dh is returned in hidden's dtype and dW (accumulated in fp32) in W's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, index, labels, weights, objective, chunk_size, compile, inputs, constants):
+    def forward(ctx, hidden, weight, index, labels, weights, objective, logit_map, compute, chunk_size, compile, inputs, constants):
         need_dh, need_dw = hidden.requires_grad, weight.requires_grad
-        h = hidden.index_select(0, index)
-        per_token, dh, dw = _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, compile,
-                                                  need_dh, need_dw, inputs, constants)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.index_select(0, index).to(compute)
+            per_token, dh, dw = _gradients_in_forward(h, weight.to(compute), labels, weights, objective, logit_map,
+                                                      chunk_size, compile, need_dh, need_dw, inputs, constants)
         ctx.save_for_backward(h, weight, index, labels, weights, *inputs, *constants)
-        ctx.meta = (objective, chunk_size, compile, len(inputs), hidden.shape, need_dh, need_dw)
+        ctx.meta = (objective, logit_map, compute, chunk_size, compile, len(inputs), hidden.shape, hidden.dtype, need_dh, need_dw)
         ctx.grads = (dh, dw)
         full = []
         for t in per_token:  # scatter back to all N positions (0 at ignored ones)
@@ -442,18 +546,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         h, weight, index, labels, weights, *rest = ctx.saved_tensors
-        objective, chunk_size, compile, n_inputs, shape, need_dh, need_dw = ctx.meta
+        objective, logit_map, compute, chunk_size, compile, n_inputs, shape, hidden_dtype, need_dh, need_dw = ctx.meta
         dh, dw = ctx.grads
         if dh is None and dw is None:  # already consumed by an earlier backward: recompute
-            _, dh, dw = _gradients_in_forward(h, weight, labels, weights, objective, chunk_size, compile,
-                                              need_dh, need_dw, rest[:n_inputs], rest[n_inputs:])
+            with torch.autocast(h.device.type, enabled=False):
+                _, dh, dw = _gradients_in_forward(h, weight.to(compute), labels, weights, objective, logit_map, chunk_size,
+                                                  compile, need_dh, need_dw, rest[:n_inputs], rest[n_inputs:])
         ctx.grads = (None, None)
         grad_hidden = grad_weight = None
         if need_dh:
-            grad_hidden = torch.zeros(shape, dtype=dh.dtype, device=dh.device).index_copy_(0, index, dh * grad_loss.to(dh.dtype))
+            grad_hidden = torch.zeros(shape, dtype=hidden_dtype, device=dh.device).index_copy_(
+                0, index, (dh * grad_loss.to(dh.dtype)).to(hidden_dtype))
         if need_dw:
             grad_weight = dw.mul_(grad_loss).to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype, budget_mib: int = 150) -> int:
@@ -464,7 +570,7 @@ def default_chunk_size(vocab: int, dtype: torch.dtype, budget_mib: int = 150) ->
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, weights=None, *, objective=cross_entropy_objective,
-                               token_inputs=(), constants=(), chunk_size=None, compile=True):
+                               token_inputs=(), constants=(), logit_map=(1.0, 0.0), chunk_size=None, compile=True):
     """Summed linear + cross-entropy loss without materialising the [tokens x vocab] logits.
 
     hidden [..., H], weight [V, H] (the LM head), labels [...] with -100 = ignored, dropped before the
@@ -472,9 +578,16 @@ def fused_linear_cross_entropy(hidden, weight, labels, weights=None, *, objectiv
     per-token loss (see `cross_entropy_objective` for its contract); `token_inputs` are per-token tensors
     [..., *] handed to it chunk by chunk, `constants` whole. Returns (summed loss, log p(label) per token,
     *extra per-token outputs), per-token outputs shaped like labels and 0 at ignored positions.
-    The caller normalises the summed loss (see `normalized_loss`)."""
-    if hidden.dtype != weight.dtype:
+    `logit_map` = (scale, softcap), the model's own logit post-processing (see `logit_map`), applied inside each
+    chunk. The chunks' matmuls run in the autocast dtype when autocast is on (bf16 mixed precision), else in the
+    weight's dtype; the softmax math is fp32 either way. The caller normalises the summed loss (see `normalized_loss`)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute = torch.get_autocast_dtype(device_type)
+    elif hidden.dtype != weight.dtype:
         raise ValueError(f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
+    else:
+        compute = weight.dtype
     if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"shapes: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
     flat_labels = labels.reshape(-1)
@@ -482,9 +595,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, weights=None, *, objectiv
     if weights is None:
         weights = torch.ones(flat_labels.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=labels.device)
     gathered = [t.reshape(flat_labels.shape[0], *t.shape[labels.dim():]).index_select(0, index) for t in token_inputs]
-    chunk_size = chunk_size or default_chunk_size(weight.shape[0], weight.dtype)
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], compute)
+    logit_map = (float(logit_map[0]), float(logit_map[1]))
     outs = FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, index, flat_labels[index],
-                                         weights.reshape(-1)[index], objective, chunk_size, compile,
+                                         weights.reshape(-1)[index], objective, logit_map, compute, chunk_size, compile,
                                          tuple(gathered), tuple(constants))
     return (outs[0], *[o.view(labels.shape) for o in outs[1:]])
 
@@ -739,8 +853,9 @@ def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tok
                       temperature: float = 0.0, batch_size: int = 32, synced: bool = False) -> dict:
     """Generate for each prompt (sharded over ranks) and score with the task's judge."""
     mine = examples[rt.rank::rt.world_size]
-    responses = generate(model, tokenizer, [e["messages"][:-1] for e in mine], max_new_tokens, temperature,
-                         batch_size, seed=rt.rank, synced=synced)
+    with precision(rt):
+        responses = generate(model, tokenizer, [e["messages"][:-1] for e in mine], max_new_tokens, temperature,
+                             batch_size, seed=rt.rank, synced=synced)
     passed = sum(JUDGES[e["task"]](r, e["reference"])[0] for e, r in zip(mine, responses))
     counts = all_reduce_sum(torch.tensor([float(passed), float(len(mine))]))
     return {"accuracy": counts[0].item() / max(counts[1].item(), 1), "n": int(counts[1].item())}
@@ -801,15 +916,33 @@ def _full_state(model, optimizer, fsdp: bool):
             get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
 
 
-def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, scheduler=None, state=None, fsdp=False):
+def save_dtype(model, dtype: str = "") -> torch.dtype:
+    """dtype of a saved final model: --save_dtype, else the starting checkpoint's own (recorded by load_model)."""
+    if dtype and dtype not in DTYPES:
+        raise UsageError(f"--save_dtype must be empty or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype] if dtype else getattr(model, "source_dtype", torch.float32)
+
+
+def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, scheduler=None, state=None, fsdp=False,
+                    dtype: str = ""):
     """Hugging Face model dir (+ trainer state when an optimizer is given), written to a temporary
-    directory and renamed into place, so a kill at any moment leaves either the old or the new one."""
+    directory and renamed into place, so a kill at any moment leaves either the old or the new one.
+    A training checkpoint keeps the fp32 master weights (exact resume); a final model (no optimizer) is saved in
+    `save_dtype(model, dtype)`, the starting model's dtype unless --save_dtype says otherwise."""
     model_state, optim_state = _full_state(model, optimizer, fsdp)
+    target = save_dtype(model, dtype) if optimizer is None else None
+    if target is not None and rt.is_main:
+        model_state = {k: v.to(target) if v.is_floating_point() else v for k, v in model_state.items()}
     tmp = f"{path}.tmp"
     if rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        loaded_dtype = model.config.dtype
+        model.config.dtype = target or next(iter(v.dtype for v in model_state.values() if v.is_floating_point()))
+        try:
+            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        finally:
+            model.config.dtype = loaded_dtype
         tokenizer.save_pretrained(tmp)
         if optimizer is not None:
             torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "state": state},

@@ -44,7 +44,9 @@ class Args:
     seed: int = 0
     """seed of data order, sampling and evaluation"""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 (parameters and compute)"""
+    """compute dtype: float32 | bfloat16 (mixed precision: fp32 master weights and AdamW state, bf16 matmuls)"""
+    save_dtype: str = ""
+    """dtype of the saved final model: float32 | bfloat16 | float16; empty = the starting model's"""
     device: str = "auto"
     """auto | cpu | cuda"""
     max_length: int = 512
@@ -71,6 +73,8 @@ class Args:
     """compile the fused loss's per-chunk function with torch.compile"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -275,20 +279,20 @@ def find_variants(model, tokenizer, examples: list, args) -> tuple:
 # COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
 def compute_loss(model, batch, args):
     """Summed token cross-entropy of a micro-batch; the caller normalises by the global token count."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden, router_loss, metrics = common.decoder_forward(model, batch)  # router_loss: MoE load balancing, else 0
     # METHOD: FAIT's weighted cross-entropy on the correct code (per-token weights through the fused loss)
-    weights, metrics = None, {}
+    weights = None
     if "line_mask" in batch:  # training batches; the held-out loss stays plain cross-entropy, comparable to sft.py
         loss_mask = (batch["targets"] != common.IGNORE_INDEX).float()
         alpha = args.alpha * batch["emphasis"] * (args.granularity in ("both", "line"))
         beta = args.beta * batch["emphasis"] * (args.granularity in ("both", "token"))
         weights = fait_weights(batch["line_mask"], batch["token_mask"], loss_mask, alpha, beta, args.renormalize)
         sensitive = batch["line_mask"] * loss_mask
-        metrics = {"emphasis": batch["emphasis"], "sensitive_fraction": (sensitive.sum() / loss_mask.sum().clamp(min=1)).item(),
-                   "sensitive_weight": ((weights * sensitive).sum() / sensitive.sum().clamp(min=1)).item()}
+        metrics |= {"emphasis": batch["emphasis"], "sensitive_fraction": (sensitive.sum() / loss_mask.sum().clamp(min=1)).item(),
+                    "sensitive_weight": ((weights * sensitive).sum() / sensitive.sum().clamp(min=1)).item()}
     loss_sum, logp = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
-                                                       weights, chunk_size=args.chunk_size or None, compile=args.compile)
-    return loss_sum, metrics
+                                                       weights, logit_map=common.logit_map(model), chunk_size=args.chunk_size or None, compile=args.compile)
+    return loss_sum + router_loss, metrics
 
 
 def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
@@ -309,11 +313,11 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 
 def main(args):
     # COMMON: seed, distributed
-    rt = common.setup_distributed(args.device)
+    rt = common.setup_distributed(args.device, args.dtype)
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
@@ -379,9 +383,10 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+    common.check_objective(model, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device), rt)
 
     # COMMON: optimizer and schedule
-    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup_ratio * args.steps))
     cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
@@ -429,7 +434,7 @@ def main(args):
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
-                    **{f"method/{k}": v for k, v in metrics.items()}})
+                    **{k if k.startswith("moe/") else f"method/{k}": v for k, v in metrics.items()}})
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
@@ -442,7 +447,7 @@ def main(args):
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

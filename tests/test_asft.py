@@ -169,13 +169,13 @@ def test_reference_is_frozen_and_untouched_by_a_training_step():
     args = asft.Args(compile=False)
     rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
     model, tok = common.load_model(args.model)
-    decoder, head = asft.load_reference(args, model, tok, rt)
-    before = {k: v.clone() for k, v in decoder.state_dict().items()}
     train, _ = common.load_sft_data(args.dataset, tok, 512, limit=4)
     batch = common.collate(train, [0, 1, 2, 3], tok.pad_token_id, "cpu")
+    decoder, head, ref_map = asft.load_reference(args, model, tok, rt, batch)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(2):
-        loss, metrics = asft.compute_loss(model, batch, args, (decoder, head))
+        loss, metrics = asft.compute_loss(model, batch, args, (decoder, head, ref_map))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -193,7 +193,7 @@ def test_reference_with_another_vocabulary_is_refused(tmp_path):
     other.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(common.UsageError, match="vocabulary .* differs from --model"):
-        asft.load_reference(args, model, tok, common.Runtime(0, 0, 1, torch.device("cpu"), True))
+        asft.load_reference(args, model, tok, common.Runtime(0, 0, 1, torch.device("cpu"), True), None)
 
 
 @pytest.mark.parametrize("flags,message", [
