@@ -157,7 +157,7 @@ def load_reference(args, model, tokenizer, rt, batch):
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
         head = head.detach().clone()
-        for layer in decoder.layers:
+        for layer in common.decoder_layers(reference):
             fully_shard(layer)
         fully_shard(decoder)
     return decoder, head, ref_map

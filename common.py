@@ -105,12 +105,12 @@ class LossModule(torch.nn.Module):
     directly, outside lm_head.forward), run in the compute precision. `loss_fn(model, batch)` returns
     (summed loss, metrics dict)."""
 
-    def __init__(self, model, loss_fn, rt: Runtime):
+    def __init__(self, model, loss_fn, rt: Runtime = None):
         super().__init__()
         self.model, self.loss_fn, self.rt = model, loss_fn, rt
 
     def forward(self, batch):
-        with precision(self.rt):
+        with precision(self.rt) if self.rt else contextlib.nullcontext():
             return self.loss_fn(self.model, batch)
 
 
@@ -118,8 +118,11 @@ def wrap_model(model, loss_fn, rt: Runtime, fsdp: bool = False, gradient_checkpo
     """DDP by default, FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True. In bf16, DDP keeps
     fp32 parameters and autocasts; FSDP2 gathers bf16 copies of the fp32 shards (MixedPrecisionPolicy) and reduces
     gradients in fp32. gradient_checkpointing: recompute each decoder layer in the backward (non-reentrant)."""
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:  # transformers 5.x renamed it; 4.x has the old name only
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = LossModule(model, loss_fn, rt)
     if rt.world_size == 1 and not fsdp:
         return module
@@ -227,7 +230,7 @@ def decoder_forward(model, batch) -> tuple:
     top_k = getattr(model, "num_experts_per_tok", None) or model.config.num_experts_per_tok
     aux = balance(out.router_logits, experts, top_k, batch["attention_mask"]).float()
     tokens = (batch["targets"] != IGNORE_INDEX).sum()
-    return out.last_hidden_state, coef * aux * tokens, {"moe/router_aux_loss": aux.detach()}
+    return out.last_hidden_state, coef * aux * tokens, {"moe/router_aux_loss": aux.item()}
 
 
 def logit_map(model) -> tuple:
@@ -937,12 +940,13 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
     if rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        loaded_dtype = model.config.dtype
-        model.config.dtype = target or next(iter(v.dtype for v in model_state.values() if v.is_floating_point()))
-        try:
-            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        finally:
-            model.config.dtype = loaded_dtype
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        if target is not None:  # save_pretrained records the parameters' dtype; the file's is `target`
+            with open(os.path.join(tmp, "config.json")) as f:
+                config = json.load(f)
+            config["dtype"] = str(target).removeprefix("torch.")
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
         tokenizer.save_pretrained(tmp)
         if optimizer is not None:
             torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "state": state},

@@ -12,11 +12,13 @@ Usage:
     python drift.py                                 # embedded world: the code model (target) learns math with the math model's prior
     python drift.py --alpha 0                       # plain SFT from the same start (bit-identical to sft.py --model <target>)
     python drift.py --merge_lambdas 0.1,0.5         # also evaluate the naive task-arithmetic merges theta_T + lambda * Delta
-    torchrun --nproc_per_node 8 drift.py --model Qwen/Qwen2.5-VL-7B-Instruct --reasoning_model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \
-        --dataset <messages.jsonl> --dtype bfloat16 --batch_size 8 --lr 1e-6 --steps 1500 --prior_device cpu
+    torchrun --nproc_per_node 8 drift.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --reasoning_model Qwen/Qwen2.5-Math-1.5B-Instruct \
+        --dataset openai/gsm8k:main --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-6
+Text models only: the paper's Qwen2.5-VL-7B + R1-Distill pair is refused (no image data or VL loading here).
 """
 import dataclasses
 import os
+import re
 import time
 
 import torch
@@ -43,7 +45,9 @@ class Args:
     seed: int = 0
     """seed of data order, sampling and evaluation"""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 (parameters and compute)"""
+    """compute dtype: float32 | bfloat16 (mixed precision: fp32 master weights and AdamW state, bf16 matmuls)"""
+    save_dtype: str = ""
+    """dtype of the saved final model: float32 | bfloat16 | float16; empty = the starting model's"""
     device: str = "auto"
     """auto | cpu | cuda"""
     max_length: int = 512
@@ -70,6 +74,8 @@ class Args:
     """compile the fused loss's per-chunk function with torch.compile"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -99,7 +105,7 @@ class Args:
     scale: str = "adaptive"
     """absolute: alpha * Delta | gradnorm: alpha * |g| * Delta/|Delta| | adaptive (paper's default): gradnorm times (1 + cos(g, Delta)) / 2"""
     targets: str = "attn,mlp"
-    """tensors that get the bias: comma-separated presets (attn, mlp, norm, embed, head) or regexes over parameter names"""
+    """tensors that get the bias: comma-separated presets (attn, mlp, router, norm, embed, head; see PRESETS) or regexes over parameter names"""
     skip_first_n: int = 0
     """leave the first N decoder layers without bias"""
     normalize_delta: bool = False
@@ -113,8 +119,21 @@ class Args:
 
 
 SCALES = ("absolute", "gradnorm", "adaptive")
-PRESETS = {"attn": r"\.self_attn\.(q|k|v|o)_proj\.(weight|bias)$", "mlp": r"\.mlp\.(gate|up|down)_proj\.(weight|bias)$",
-           "norm": r"norm\.weight$", "embed": r"embed_tokens\.weight$", "head": r"^lm_head\.weight$"}
+# The attention and MLP blocks by their module names in transformers (self_attn + mlp: Llama, Qwen, Mistral, Gemma,
+# Phi-3, OLMo2, Cohere, Granite, the MoEs; GPT-2 attn; GPT-NeoX attention; Falcon self_attention; Llama 4 feed_forward;
+# Granite-MoE block_sparse_moe), and the projections inside them, weights and biases.
+ATTN_BLOCK, MLP_BLOCK = r"\.(?:self_attn|attn|attention|self_attention)\.", r"\.(?:mlp|feed_forward|block_sparse_moe)\."
+ATTN_PROJ = r"(?:q|k|v|o|qkv|q_a|q_b|kv_a|kv_b)_proj|kv_a_proj_with_mqa|c_attn|c_proj|query_key_value|dense"  # fused qkv: Phi-3; MLA: DeepSeek
+MLP_PROJ = r"(?:gate|up|down|gate_up)_proj|c_fc|c_proj|fc1|fc2|dense_h_to_4h|dense_4h_to_h|w1|w2|w3"  # fused gate_up: Phi-3
+PRESETS = {
+    "attn": rf"{ATTN_BLOCK}(?:{ATTN_PROJ})\.(?:weight|bias)$",
+    # dense MLPs, shared experts, per-expert modules (experts.<e>.*) and transformers 5's fused 3-D experts
+    "mlp": rf"{MLP_BLOCK}(?:(?:(?:shared_experts?|experts\.\d+)\.)?(?:{MLP_PROJ})\.(?:weight|bias)"
+           r"|experts\.(?:gate_up|gate|up|down)_proj(?:_bias)?)$",
+    "router": rf"{MLP_BLOCK}(?:gate|router|shared_expert_gate)\.(?:weight|bias)$",  # MoE routing: not in the default
+    "norm": r"(?:norm|ln_\w+)\.(?:weight|bias)$", "embed": r"(?:embed_tokens|wte|wpe|embed_in|word_embeddings)\.weight$",
+    "head": r"^(?:lm_head|embed_out)\.weight$"}
+LAYER = r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\."  # a decoder layer's index: model.layers.3., GPT-2 transformer.h.3.
 
 
 # METHOD: DRIFT's gradient edit (Eq. 3), one tensor at a time
@@ -144,20 +163,60 @@ def drift_gradient(grad, delta, alpha, scale, delta_norm=None, absolute_factor=1
 
 
 def select_tensors(model, args):
-    """Names of the parameters that get the bias; fails loudly when nothing matches (the official code then
-    silently trains plain SFT: it attaches no hook when module names differ)."""
-    import re
-    patterns = [PRESETS.get(t.strip(), t.strip()) for t in args.targets.split(",") if t.strip()]
-    names = []
-    for name, p in model.named_parameters():
-        layer = re.search(r"layers\.(\d+)\.", name)
-        if p.requires_grad and any(re.search(pat, name) for pat in patterns) and not (layer and int(layer[1]) < args.skip_first_n):
-            names.append(name)
-    if not names:
-        sample = ", ".join(n for n, _ in list(model.named_parameters())[:6])
-        raise common.UsageError(f"--targets {args.targets!r} (patterns {patterns}) matched no parameter of --model "
-                                f"{args.model!r}; its parameters are named like: {sample}, ...")
+    """Names of the parameters that get the bias (--targets, from layer --skip_first_n on), with the count of each
+    target printed. Fails loudly, where the official code silently attaches fewer hooks (none when module names
+    differ): when a target matches nothing, and when `attn` or `mlp` would leave out a weight matrix inside the
+    blocks it is named for (a fused qkv, an expert tensor) or a decoder layer with none of its tensors."""
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    layer_of = {n: int(m[1]) if (m := re.search(LAYER, n)) else None for n, _ in model.named_parameters()}
+    params = {n: p for n, p in model.named_parameters()
+              if p.requires_grad and (layer_of[n] is None or layer_of[n] >= args.skip_first_n)}
+    matched = {t: [n for n in params if re.search(PRESETS.get(t, t), n)] for t in targets}
+    selected = {n for found in matched.values() for n in found}
+    layers = sorted({layer_of[n] for n in params} - {None})
+    sample = lambda layer: ", ".join([n for n in params if layer_of[n] == layer][:12] or list(params)[:12])
+
+    for t in targets:
+        if not matched[t]:
+            tied = " (the head is tied to the input embeddings: use embed)" if t == "head" and getattr(model.config, "tie_word_embeddings", False) else ""
+            raise common.UsageError(f"--targets {t!r} ({PRESETS.get(t, t)}) matched no parameter of --model {args.model!r}"
+                                    f"{tied}; its parameters are named like: {sample(layers[0] if layers else None)}, ...")
+    regex_layers = {layer_of[n] for t in targets if t not in PRESETS for n in matched[t]}
+    for t, block in [("attn", ATTN_BLOCK), ("mlp", MLP_BLOCK)]:
+        if t not in targets:
+            continue
+        missed = [n for n, p in params.items() if p.dim() >= 2 and layer_of[n] is not None and re.search(block, n)
+                  and n not in selected and not (t == "mlp" and re.search(PRESETS["router"], n))]
+        empty = sorted(set(layers) - {layer_of[n] for n in matched[t]} - regex_layers)
+        if missed or empty:
+            what = (f"leaves out {len(missed)} weight matrices of the blocks it is named for: {', '.join(missed[:6])}"
+                    if missed else f"matches nothing in layer {empty[0]} (of {len(empty)} such layers): {sample(empty[0])}")
+            raise common.UsageError(f"--targets preset {t!r} {what}; add a regex for these tensors to --targets "
+                                    f"(e.g. --targets {args.targets},'<regex>')")
+    names = [n for n in params if n in selected]
+    counts = " | ".join(f"{t} {len(found)} tensors, {sum(params[n].numel() for n in found) / 1e6:.3g}M weights"
+                        for t, found in matched.items())
+    router = [n for n in params if re.search(PRESETS["router"], n) and n not in selected]
+    print0(f"DRIFT targets: {counts}" + (f" | router not targeted ({len(router)} tensors; --targets {args.targets},router "
+                                        "adds it)" if router else ""))
     return names
+
+
+def refuse_multimodal(args):
+    """A vision-language model (the paper's Qwen2.5-VL-7B) is refused by name: common.load_model loads causal LMs
+    (AutoModelForCausalLM, which does not map qwen2_5_vl) and the data is text, so its image-text SFT cannot run here."""
+    import transformers
+    for flag, path in [("--model", args.model), ("--reasoning_model", args.reasoning_model), ("--prior_base", args.prior_base)]:
+        if not path or (not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1)):
+            continue  # unset, or a local directory not built yet
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError):
+            continue  # not a model: load_model says so
+        if getattr(config, "vision_config", None) is not None:
+            raise common.UsageError(f"{flag} {path!r} is a vision-language model ({config.model_type}): drift.py trains "
+                                    "text-only causal LMs on text data, so the paper's Qwen2.5-VL setting is not supported; "
+                                    "use a text model pair with the same tensor names (e.g. benchmark/drift.sh's Qwen2.5 Coder/Math)")
 
 
 def build_prior(args, model, names, rt):
@@ -215,10 +274,11 @@ def parameter_drift(model, start, prior):
 # COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
 def compute_loss(model, batch, args):
     """Summed token cross-entropy of a micro-batch; the caller normalises by the global token count."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden, router_loss, metrics = common.decoder_forward(model, batch)  # router_loss: MoE load balancing, else 0
     loss_sum, logp = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
+                                                       logit_map=common.logit_map(model),
                                                        chunk_size=args.chunk_size or None, compile=args.compile)
-    return loss_sum, {}
+    return loss_sum + router_loss, metrics
 
 
 def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
@@ -250,9 +310,10 @@ def main(args):
         merge_lambdas = [float(x) for x in args.merge_lambdas.split(",") if x.strip()]
     except ValueError:
         raise common.UsageError(f"--merge_lambdas: comma-separated numbers, got {args.merge_lambdas!r}") from None
+    refuse_multimodal(args)
 
     # COMMON: seed, distributed
-    rt = common.setup_distributed(args.device)
+    rt = common.setup_distributed(args.device, args.dtype)
     common.seed_everything(args.seed)  # identical init on every rank
 
     # METHOD: the embedded default's two variants (base + SFT on code, base + SFT on math) are built once, ~9 min
@@ -268,7 +329,7 @@ def main(args):
             torch.distributed.barrier()
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
@@ -286,6 +347,7 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+    common.check_objective(model, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device), rt)
 
     # METHOD: the prior Delta (Eq. 2), once; the hooks that add the bias (Eq. 3) to every selected tensor's gradient
     names = select_tensors(model, args)
@@ -294,7 +356,7 @@ def main(args):
     seen_cos = attach_hooks(model, prior, args, micro_steps=args.batch_size // (micro * rt.world_size))
 
     # COMMON: optimizer and schedule
-    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup_ratio * args.steps))
     cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
@@ -354,7 +416,7 @@ def main(args):
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
-                    **{f"method/{k}": v for k, v in metrics.items()}})
+                    **{k if k.startswith("moe/") else f"method/{k}": v for k, v in metrics.items()}})
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
@@ -368,7 +430,7 @@ def main(args):
     final.update(parameter_drift(model, start, prior))  # METHOD: where training moved theta, relative to Delta
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -347,7 +347,7 @@ def main(args):
             raise common.UsageError(f"--teacher {args.teacher}: its tokenizer differs from --model {args.model}'s; "
                                     f"use a teacher of the same family")
     settings = {k: getattr(args, k) for k in ("variant_prompts", "corrupt_template", "num_samples", "min_similarity",
-                                              "gen_temperature", "gen_max_new_tokens", "gen_seed")}
+                                              "gen_temperature", "gen_max_new_tokens", "gen_seed", "dtype")}
     key = common.content_hash(teacher, [[ex["messages"], ex["reference"]] for ex in train], settings,
                               common.generate, common.decode, common.judge_code, common.run_sandboxed, find_variants,
                               choose_variant)
@@ -356,7 +356,8 @@ def main(args):
     if timing["cached"]:
         print0(f"FAIT: reusing {cache}")
     else:
-        rows, spent = find_variants(teacher, tokenizer, train[rt.rank::rt.world_size], args)
+        with common.precision(rt):  # generation in the compute dtype, like evaluation
+            rows, spent = find_variants(teacher, tokenizer, train[rt.rank::rt.world_size], args)
         rows = common.gather_shards(rows, rt)
         timing.update({k: common.all_reduce_sum(torch.tensor(float(v))).item() / (rt.world_size if k.endswith("_s") else 1)
                        for k, v in spent.items()})

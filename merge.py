@@ -9,6 +9,7 @@ Method:
   Models fine-tuned from one base sit in one basin: average them (soups), or add their task vectors tau_i = theta_i -
   theta_0 to the base, trimmed and sign-elected (TIES), randomly dropped and rescaled (DARE) or scaled per layer,
   little at shallow layers and fully at the last (LiNeS, against forgetting). The merge is then evaluated like a run.
+  Tensors are merged as stored on disk (MoE: one expert at a time, as mergekit) and saved in that form.
 
 Usage (after fine-tuning, e.g. `for s in 0 1 2; do python sft.py --seed $s --output_dir runs/sft_s$s; done`):
     python merge.py --method uniform --models runs/sft_s0/final,runs/sft_s1/final,runs/sft_s2/final
@@ -162,12 +163,12 @@ def slerp(a, b, t, eps=1e-8, colinear=0.9995):
     return torch.sin((1 - t) * omega) / torch.sin(omega) * a + torch.sin(t * omega) / torch.sin(omega) * b
 
 
-LAYER = re.compile(r"layers\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # model.layers.3., GPT-2's transformer.h.3.
 
 
 def lines_scale(name: str, num_layers: int, alpha: float, beta: float) -> float:
     """LiNeS (Wang et al. 2025, Eq. 1): lambda(l) = alpha + beta (l - 1)/(L - 1) for block l = 1..L (name matches
-    `layers.<l-1>.`; an explicit regex, where the official substring test can mistake `.1.` inside a name);
+    `layers.<l-1>.` or `h.<l-1>.`; an explicit regex, where the official substring test can mistake `.1.` inside a name);
     alpha for every tensor outside the blocks (embeddings, final norm, head). L = 1 gives alpha + beta."""
     match = LAYER.search(name)
     if not match:
@@ -179,8 +180,9 @@ def lines_scale(name: str, num_layers: int, alpha: float, beta: float) -> float:
 class Checkpoint:
     """The tensors of a Hugging Face model directory (or hub id), opened lazily with safetensors."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, trust_remote_code: bool = False):
         from safetensors import safe_open
+        from transformers import AutoConfig
         if not os.path.isdir(path):
             if path.startswith((".", "/", "~")) or path.count("/") > 1:
                 raise common.UsageError(f"--models/--base {path!r}: no such directory")
@@ -192,8 +194,10 @@ class Checkpoint:
             raise common.UsageError(f"{path}: no .safetensors files")
         self.handles = {f: safe_open(os.path.join(path, f), "pt") for f in files}
         self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
-        with open(os.path.join(path, "config.json")) as f:
-            self.config = json.load(f)
+        try:  # the config object: its attribute map reads GPT-2's n_layer as num_hidden_layers
+            self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
+        except (OSError, ValueError) as err:
+            raise common.UsageError(f"{path}: config.json could not be read as a transformers config: {err}") from None
 
     def shape(self, name):
         return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
@@ -208,9 +212,9 @@ def check_compatible(checkpoints):
     first = checkpoints[0]
     for other in checkpoints[1:]:
         for key in ("model_type", "architectures", "vocab_size", "num_hidden_layers", "hidden_size"):
-            if first.config.get(key) != other.config.get(key):
-                raise common.UsageError(f"config {key} differs: {first.config.get(key)} in {first.path}, "
-                                        f"{other.config.get(key)} in {other.path}")
+            ours, theirs = getattr(first.config, key, None), getattr(other.config, key, None)
+            if ours != theirs:
+                raise common.UsageError(f"config {key} differs: {ours} in {first.path}, {theirs} in {other.path}")
         for name in sorted(set(first.where) | set(other.where)):
             if name not in first.where or name not in other.where:
                 raise common.UsageError(f"tensor {name} is in {first.path if name in first.where else other.path} "
@@ -230,12 +234,13 @@ def tokenizer_hash(path):
 
 def merge(args, checkpoints, base, weights, out_state):
     """Write the merge of `checkpoints` (and `base`) into out_state (the output model's own tensors), one tensor
-    name at a time: memory is the output model plus one tensor per input."""
-    method, num_layers = args.method, checkpoints[0].config["num_hidden_layers"]
+    name at a time, in the checkpoints' on-disk naming: memory is the output model plus one tensor per input.
+    Returns the merged tensors that out_state has no such name (and shape) for: transformers 5's fused MoE experts."""
+    method, num_layers = args.method, checkpoints[0].config.num_hidden_layers
     normalize = {"true": True, "false": False}.get(args.normalize, method in ("linear", "uniform", "ties"))
     density = args.density if args.density >= 0 else {"ties": 0.2, "dare_linear": 0.1, "dare_ties": 0.1}.get(method, 1.0)
     generator = torch.Generator().manual_seed(args.seed)
-    thresholds = None
+    thresholds, pending = None, {}
     if method == "ties" and args.ties_trim == "global" and density < 1:  # one model's |tau| at a time
         thresholds = []
         for c in checkpoints:
@@ -264,7 +269,27 @@ def merge(args, checkpoints, base, weights, out_state):
                 merged = theta0 + lines_scale(name, num_layers, args.alpha, beta) * sum(w * t for w, t in zip(weights, taus))
             else:
                 merged = task_arithmetic(theta0, taus, weights, args.scaling, normalize)
-        out_state[name].copy_(merged.to(out_state[name].dtype))
+        if name in out_state and tuple(out_state[name].shape) == tuple(merged.shape):
+            out_state[name].copy_(merged.to(out_state[name].dtype))
+        else:
+            pending[name] = merged
+    return pending
+
+
+def load_on_disk_tensors(model, tensors):
+    """Put tensors named as on disk into the model when its in-memory tensors differ: transformers 5 fuses each
+    layer's MoE experts into 3-D tensors (`mlp.experts.gate_up_proj`) that save_pretrained writes back per expert
+    (`mlp.experts.<e>.gate_proj.weight`). transformers' own loader converts them (from_pretrained with a state dict:
+    the conversion that loading the saved model applies), into a second copy of the model; every tensor must land."""
+    converted, info = type(model).from_pretrained(None, config=model.config, state_dict=tensors, dtype=model.dtype,
+                                                  output_loading_info=True)
+    problems = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        raise common.UsageError(f"the merged tensors do not load into {type(model).__name__}: {problems}")
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in converted.state_dict().items():
+            state[name].copy_(tensor)
 
 
 # COMMON: the held-out loss of a micro-batch, exactly as the training scripts compute it
@@ -280,7 +305,7 @@ def evaluate(model, tokenizer, eval_sets, rt, args):
     if not eval_sets:
         return results
     target = next(iter(eval_sets))
-    held_out = common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args)), eval_sets[target], rt, tokenizer.pad_token_id)
+    held_out = common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args), rt), eval_sets[target], rt, tokenizer.pad_token_id)
     results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
     for name, examples in eval_sets.items():
         results[f"eval/{name}/accuracy"] = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
@@ -326,8 +351,8 @@ def main(args):
     weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise common.UsageError(f"--weights has {len(weights)} values for {len(paths)} models")
-    checkpoints = [Checkpoint(p) for p in paths]
-    base = Checkpoint(args.base) if needs_base else None
+    checkpoints = [Checkpoint(p, args.trust_remote_code) for p in paths]
+    base = Checkpoint(args.base, args.trust_remote_code) if needs_base else None
     check_compatible(checkpoints + ([base] if base else []))
 
     # COMMON: the output model (the donor's config and tokenizer: the base, else the first model) and eval data
@@ -344,15 +369,20 @@ def main(args):
     logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size})
 
     # METHOD: merge (greedy: score every ingredient and each candidate soup on the held-out set first)
+    def merge_into_model(merge_args, inputs, merge_base, merge_weights):
+        pending = merge(merge_args, inputs, merge_base, merge_weights, out_state)
+        if pending:  # fused MoE experts: the whole merged model, in on-disk names, through transformers' loader
+            load_on_disk_tensors(model, {**{n: out_state[n].cpu() for n in inputs[0].where if n not in pending}, **pending})
+
     if args.method == "greedy":
         held_out, _ = common.load_sft_data(args.select_dataset, tokenizer, args.max_length, "truncate", "validation")
         held_out = held_out[: args.select_samples or None]
         sign = -1 if args.greedy_metric == "loss" else 1
 
         def score_of_mean(indices):
-            merge(dataclasses.replace(args, method="uniform"), [checkpoints[i] for i in indices], None, [1.0] * len(indices), out_state)
+            merge_into_model(dataclasses.replace(args, method="uniform"), [checkpoints[i] for i in indices], None, [1.0] * len(indices))
             if args.greedy_metric == "loss":
-                return sign * common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args)),
+                return sign * common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args), rt),
                                                    held_out, rt, tokenizer.pad_token_id)["loss"]
             return common.evaluate_accuracy(model, tokenizer, held_out, rt, args.max_new_tokens, batch_size=args.eval_batch_size)["accuracy"]
 
@@ -363,10 +393,10 @@ def main(args):
         for entry in log:
             logger.log({"event": "greedy_step", "model": paths[entry["ingredient"]], "accepted": entry["accepted"],
                         f"select/{args.greedy_metric}": sign * entry["candidate_score"]})
-        merge(dataclasses.replace(args, method="uniform"), [checkpoints[i] for i in kept], None, [1.0] * len(kept), out_state)
+        merge_into_model(dataclasses.replace(args, method="uniform"), [checkpoints[i] for i in kept], None, [1.0] * len(kept))
         logger.log({"event": "greedy_soup", "kept": [paths[i] for i in kept], f"select/{args.greedy_metric}": sign * best})
     else:
-        merge(args, checkpoints, base, weights, out_state)
+        merge_into_model(args, checkpoints, base, weights)
 
     # COMMON: evaluate and save (the whole directory appears at once, or not at all)
     model.config.merge = {"method": args.method, "models": paths, "base": args.base, "weights": weights}

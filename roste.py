@@ -54,7 +54,9 @@ class Args:
     seed: int = 0
     """seed of data order, sampling and evaluation"""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 (parameters and compute)"""
+    """compute dtype: float32 | bfloat16 (mixed precision: fp32 master weights and AdamW state, bf16 matmuls)"""
+    save_dtype: str = ""
+    """dtype of the saved final model: float32 | bfloat16 | float16; empty = the starting model's"""
     device: str = "auto"
     """auto | cpu | cuda"""
     max_length: int = 512
@@ -81,6 +83,8 @@ class Args:
     """compile the fused loss's per-chunk function with torch.compile"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -259,38 +263,111 @@ def hadamard(x, dense_up_to: int = 1024):
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj"]
 ROTATIONS = ("R2", "R3", "R4")
+READERS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]  # of the stream
 
 
 def blocks(model):
-    """The decoder layers, checked to be Llama-style: RMSNorms without bias, separate q/k/v/o and gate/up/down."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    for name in PROJECTIONS + ["input_layernorm", "post_attention_layernorm"]:
+    """The decoder layers, checked to hold what the surgery and the quantizers touch: self_attn with separate
+    q/k/v/o linears and mlp with gate/up/down linears (the norms are checked by check_layout, where R1 needs them)."""
+    layers, kind = getattr(model.get_decoder(), "layers", None), model.config.model_type
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise common.UsageError(f"roste.py needs Llama-style layers ({', '.join(PROJECTIONS)}); the {kind} model's "
+                                f"decoder {type(model.get_decoder()).__name__} has no `layers`")
+    for name in PROJECTIONS:
         try:
             module = functools.reduce(getattr, name.split("."), layers[0])
-        except (AttributeError, TypeError):
+        except AttributeError:
             module = None
-        if module is None or not hasattr(module, "weight") or ("norm" in name and getattr(module, "bias", None) is not None):
-            raise common.UsageError(f"roste.py needs Llama-style layers (RMSNorm, {', '.join(PROJECTIONS)}); "
-                                    f"the {model.config.model_type} model's layer 0 has no usable {name}")
+        if not isinstance(module, torch.nn.Linear):
+            linears = [n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+            raise common.UsageError(f"roste.py needs Llama-style layers ({', '.join(PROJECTIONS)}); the {kind} model's "
+                                    f"layer 0 has no {name} Linear (its linears: {', '.join(linears[:8]) or 'none'})")
     return layers
+
+
+def gain_offset(norm, where: str, kind: str) -> float:
+    """c in norm(x) = x / rms(x) * (w + c), found by feeding the norm test vectors (not by its name): c = 0 for
+    Llama's RMSNorm (x w), c = 1 for Gemma's (x (1 + w)). Anything else is refused: a LayerNorm's mean subtraction
+    (Cohere), a bias or a missing gain do not commute with R1."""
+    w, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if not torch.is_tensor(w) or w.dim() != 1 or bias is not None:
+        raise common.UsageError(f"roste.py folds RMSNorm gains into the linears; the {kind} model's {where} "
+                                f"({type(norm).__name__}) has {'a bias' if bias is not None else 'no gain vector'}")
+    x = torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 4  # mean 4
+    y = norm(x.to(w)).double().cpu()
+    unit = x * x.pow(2).mean(-1, keepdim=True).rsqrt()  # rms ~4: the norm's eps is negligible
+    tolerance = 1e-4 if w.dtype in (torch.float32, torch.float64) else 3e-2
+    for c in (0.0, 1.0):
+        gain = w.detach().double().cpu() + c
+        if (y - unit * gain).abs().max() <= tolerance * (1 + gain.abs().max()):
+            return c
+    raise common.UsageError(f"roste.py folds RMSNorms x / rms(x) * w or * (1 + w); the {kind} model's {where} "
+                            f"({type(norm).__name__}) is neither (a LayerNorm's mean subtraction does not commute with R1)")
+
+
+@torch.no_grad()
+def check_layout(model) -> list:
+    """What norm folding and R1 need, read off the model's own data flow (one forward of 8 tokens with hooks, not
+    names), so that it refuses before anything is changed: no norm may read the attention or MLP output (a post-norm,
+    Gemma-2/3 and OLMo-2: its gain sits between a writer and the residual stream, where R1 cannot pass it); every
+    reader of the stream (READERS, the LM head) must read the output of a norm of its layer (or of the decoder); and
+    each such norm must be an RMSNorm (gain_offset). Returns [(norm, its readers, c)], the final norm last."""
+    layers, kind, decoder, head = blocks(model), model.config.model_type, model.get_decoder(), model.get_output_embeddings()
+    get = lambda layer, name: functools.reduce(getattr, name.split("."), layer)
+    inputs, outputs = {}, {}  # of every watched module, in the probe forward
+
+    def record(module, args, kwargs, out):
+        inputs.setdefault(module, args[0] if args else kwargs.get("hidden_states"))
+        outputs.setdefault(module, out[0] if isinstance(out, tuple) else out)
+    watched = [head, *decoder.children(), *(m for layer in layers for m in [*layer.children(), *(get(layer, n) for n in READERS)])]
+    handles, training = [m.register_forward_hook(record, with_kwargs=True) for m in watched], model.training
+    try:
+        model.eval()
+        model(input_ids=torch.arange(8, device=head.weight.device)[None] % head.weight.shape[0], use_cache=False)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    same = lambda a, b: torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    read = lambda reader, parent: next((n for n, c in parent.named_children()  # the norm whose output `reader` reads
+                                        if n not in ("self_attn", "mlp") and same(inputs.get(reader), outputs.get(c))), None)
+    pairs = {}  # where -> (norm, its readers)
+    for i, layer in enumerate(layers):
+        post = [n for n, c in layer.named_children() if any(same(inputs.get(c), outputs.get(w)) for w in (layer.self_attn, layer.mlp))]
+        if post:
+            raise common.UsageError(f"roste.py's R1 cannot pass a post-norm; the {kind} model's layer {i} normalises "
+                                    f"the attention/MLP output before the residual add ({', '.join(post)}): use "
+                                    f"--rotation none (quantization-aware SFT without rotations)")
+        for name in READERS:
+            norm = read(get(layer, name), layer)
+            if norm is None:
+                raise common.UsageError(f"roste.py folds the norm each reader of the residual stream reads; the {kind} "
+                                        f"model's layer {i} {name} does not read the output of a norm of its layer")
+            pairs.setdefault(f"layer {i} {norm}", (getattr(layer, norm), []))[1].append(get(layer, name))
+    final = read(head, decoder)
+    if final is None:
+        raise common.UsageError(f"roste.py folds the final norm into the LM head; the {kind} model's LM head does "
+                                f"not read the output of a norm of its decoder")
+    pairs[f"final {final}"] = (getattr(decoder, final), [head])
+    return [(norm, readers, gain_offset(norm, where, kind)) for where, (norm, readers) in pairs.items()]
 
 
 @torch.no_grad()
 def fuse_norms(model):
-    """Fold each RMSNorm gain g into the linears that read its output (W <- W diag(g)) and set g = 1, after untying
-    the LM head from the embeddings (the final norm's gain goes into the head only). The function is unchanged and
-    every norm becomes a plain RMS normalisation, which commutes with an orthogonal R1: rms(x R1) = rms(x)."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    if head.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr():
+    """Fold each RMSNorm's gain g into the linears that read its output (W <- W diag(g)) and make the norm's gain 1,
+    after untying the LM head from the embeddings (the final norm's gain goes into the head only). g = w + c with
+    c = 0 (Llama: w <- 1) or c = 1 (Gemma's x (1 + w): w <- 0), found by check_layout, which refuses first what
+    this cannot keep exact. The function is unchanged and every norm becomes a plain RMS normalisation, which
+    commutes with an orthogonal R1: rms(x R1) = rms(x)."""
+    pairs = check_layout(model)
+    head = model.get_output_embeddings()
+    if head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    pairs = [(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-             for layer in blocks(model)]
-    pairs += [(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in blocks(model)]
-    for norm, readers in pairs + [(decoder.norm, [head])]:
+    for norm, readers, c in pairs:
         for linear in readers:
-            linear.weight.copy_(linear.weight.double() * norm.weight.double())
-        norm.weight.fill_(1.0)
+            linear.weight.copy_(linear.weight.double() * (norm.weight.double() + c))
+        norm.weight.fill_(1.0 - c)
 
 
 @torch.no_grad()
@@ -306,8 +383,7 @@ def rotate_residual(model, seed: int):
         r = r1.to(param.device)
         param.copy_(r.T @ param.double() if left else param.double() @ r)
 
-    decoder = model.get_decoder()
-    apply(decoder.embed_tokens.weight, False)
+    apply(model.get_input_embeddings().weight, False)
     apply(model.get_output_embeddings().weight, False)
     for layer in blocks(model):
         for reader in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
@@ -344,6 +420,10 @@ def roste_attention(module, query, key, value, attention_mask, **kwargs):
     values are fake-quantized per token and head. Re-quantizing the whole cache at every call equals quantizing each
     token once when it is stored (per-token scales), so cached generation sees the training-time quantizer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if kwargs.get("softcap") is not None:  # Gemma-2: tanh-capped attention scores
+        kind = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+        raise common.UsageError(f"roste.py's attention is SDPA, which has no attention-logit softcapping; the {kind} "
+                                f"model's layer {module.layer_idx} uses softcap {kwargs['softcap']}")
     if module.rotate_qk:
         query, key = hadamard(query), hadamard(key)
     if module.rotate_v:
@@ -437,16 +517,47 @@ def search_rotations(model, batches, decimals: int = -1):
     return config, logs
 
 
+@torch.no_grad()
+def full_precision_logits(model, batch):
+    """The logits at the batch's real positions, float32, in eval mode, with the quantizers off (if any)."""
+    training = model.training
+    model.eval()
+    with full_precision(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    model.train(training)
+    return logits.float()[batch["attention_mask"].bool()]
+
+
+def check_invariance(want, got, model):
+    """Start-up guard, run by prepare before the search and training: at 16 bits the surgery (norms folded, R1, the
+    online rotations, roste_attention) must leave the model's logits unchanged, max |got - want| <= 1e-3 max |want|,
+    else the architecture is refused: nothing is trained on a model that the surgery silently changed, whatever its
+    layout. main() holds float32 weights; with 16-bit weights the rounding of the folded weights alone moves the
+    logits of a random-init model by up to 0.2 of their scale, so the bound there is 0.25 (a wrong fold moves ~1)."""
+    diff, scale = (got - want).abs().max().item(), want.abs().max().item()
+    tolerance = 1e-3 if model.get_input_embeddings().weight.dtype in (torch.float32, torch.float64) else 0.25
+    if not diff <= tolerance * scale:  # also NaN
+        raise common.UsageError(f"roste.py's surgery moved the {model.config.model_type} model's full-precision logits "
+                                f"by {diff:.3g} (max |logit| {scale:.3g}, allowed {tolerance:g} of it) where it must "
+                                f"not change them: this architecture is not supported")
+
+
 def prepare(model, train, args, rt, pad_id) -> dict:
-    """Rotate (unless --rotation none), quantize and pick the online rotations; record it all in model.config.roste
-    (saved in config.json, read by load_quantized). Returns the per-layer rotation config."""
+    """Rotate (unless --rotation none), quantize, check at 16 bits that nothing changed on two training sequences
+    (check_invariance) and pick the online rotations; record it all in model.config.roste (saved in config.json,
+    read by load_quantized). Returns the per-layer rotation config."""
     if args.rotation not in ("adaptive", "all", "r1", "none"):
         raise common.UsageError(f"--rotation {args.rotation!r}: expected adaptive, all, r1 or none")
+    device = model.get_input_embeddings().weight.device
+    probe = {k: v[:, :64] for k, v in common.collate(train, range(min(2, len(train))), pad_id, device).items()}
+    want = full_precision_logits(model, probe)
     if args.rotation != "none":
         fuse_norms(model)
         rotate_residual(model, args.rotation_seed)
     spec = {k: getattr(args, k) for k in ("w_bits", "w_sym", "w_clip", "a_bits", "a_sym", "a_clip", "kv_bits", "kv_sym", "kv_clip")}
     quantize_model(model, spec)
+    set_rotations(model, {i: dict.fromkeys(ROTATIONS, args.rotation in ("adaptive", "all")) for i in range(len(blocks(model)))})
+    check_invariance(want, full_precision_logits(model, probe), model)
     if args.rotation == "adaptive":
         ids = random.Random(args.seed).sample(range(len(train)), min(args.search_samples, len(train)))
         batches = [common.collate(train, ids[i:i + 16], pad_id, rt.device) for i in range(0, len(ids), 16)]
@@ -476,10 +587,11 @@ def load_quantized(path: str, dtype: str = "float32", device="cpu"):
 # COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
 def compute_loss(model, batch, args):
     """Summed token cross-entropy of a micro-batch; the caller normalises by the global token count."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden, router_loss, metrics = common.decoder_forward(model, batch)  # router_loss: MoE load balancing, else 0
     loss_sum, logp = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
+                                                       logit_map=common.logit_map(model),
                                                        chunk_size=args.chunk_size or None, compile=args.compile)
-    return loss_sum, {}
+    return loss_sum + router_loss, metrics
 
 
 def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
@@ -500,11 +612,11 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 
 def main(args):
     # COMMON: seed, distributed
-    rt = common.setup_distributed(args.device)
+    rt = common.setup_distributed(args.device, args.dtype)
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
@@ -522,6 +634,7 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+    common.check_objective(model, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device), rt)
 
     # METHOD: QA-SFT / RoSTE: rotate, quantize and search before training (the PTQ baselines do it after training)
     if not args.qat and args.fsdp:
@@ -530,7 +643,7 @@ def main(args):
         prepare(model, train, args, rt, tokenizer.pad_token_id)
 
     # COMMON: optimizer and schedule
-    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp)
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup_ratio * args.steps))
     cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
@@ -580,7 +693,7 @@ def main(args):
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
-                    **{f"method/{k}": v for k, v in metrics.items()}})
+                    **{k if k.startswith("moe/") else f"method/{k}": v for k, v in metrics.items()}})
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
@@ -601,7 +714,7 @@ def main(args):
     final.update({f"fp/{k}": v for k, v in fp.items() if k != "step"})
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

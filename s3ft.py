@@ -244,7 +244,7 @@ def main(args):
     for i, ex in enumerate(train):
         task_judge(ex["task"], f"{args.dataset}: sample {i + 1}")
     settings = {k: getattr(args, k) for k in ("gen_max_new_tokens", "gen_temperature", "own_answers", "rewrite_template",
-                                              "leak_filter", "gen_seed")}
+                                              "leak_filter", "gen_seed", "dtype")}
     key = common.content_hash(model, [[ex["messages"], ex["task"], ex["reference"]] for ex in train], settings,
                               common.generate, common.decode, *common.JUDGES.values(), select_targets, rebuild)
     cache = os.path.join(args.cache_dir, f"s3ft_data-{key[:16]}.jsonl")
@@ -252,7 +252,8 @@ def main(args):
     if timing["cached"]:
         print0(f"S3FT: reusing {cache}")
     else:
-        rows, spent = rebuild(model, tokenizer, train[rt.rank::rt.world_size], args)
+        with common.precision(rt):  # generation in the compute dtype, like evaluation
+            rows, spent = rebuild(model, tokenizer, train[rt.rank::rt.world_size], args)
         rows = common.gather_shards(rows, rt)
         timing.update({k: common.all_reduce_sum(torch.tensor(float(v))).item() / (1 if k == "generated" else rt.world_size)
                        for k, v in spent.items()})

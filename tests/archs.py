@@ -4,7 +4,8 @@
 template (vocabulary 2,044), so every script can train, evaluate and save it. Each config is sized for speed
 (2 layers, width 64) and set so that the architecture's own quirk is visible at random-init logit scale:
 Gemma 2/3 softcap at 2 (logits of std ~1.6), Cohere's logit_scale 0.25, Granite's logits_scaling 4, sliding
-windows of 16 tokens (the world's samples are longer), MoE with 4 experts, top 2.
+windows of 16 tokens (the world's samples are longer), MoE with 4 experts, top 2, router loss coefficient 0.01.
+Dropout is off (GPT-2's default 0.1 would make a training step's loss differ from the eval-mode logits).
 """
 import os
 import shutil
@@ -29,7 +30,8 @@ ARCHS = {
                                                              layer_types=["sliding_attention", "full_attention"], **LLAMA_LIKE)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(**{k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=16, **LLAMA_LIKE)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512,
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0,
+                                                    embd_pdrop=0.0, attn_pdrop=0.0,
                                                     **{k: v for k, v in COMMON.items() if k != "max_position_embeddings"})),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(**LLAMA_LIKE)),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25, **LLAMA_LIKE)),

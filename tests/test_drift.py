@@ -1,11 +1,13 @@
 """DRIFT: the gradient edit against its formulas and limiting cases, which tensors get it, the frozen prior,
 the loud failures the official code lacks, and the script (alpha = 0 is sft.py; 2 processes = 1 accumulating)."""
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import archs
 import common
 import drift
 from scripts import losses, records, run_script
@@ -137,7 +139,7 @@ def test_prior_is_the_checkpoint_difference_and_stays_fixed(reasoning):
 
 def test_no_match_or_mismatched_shapes_fail_with_what_was_expected_and_found(reasoning, tmp_path):
     model, tok = common.load_model(BASE)
-    with pytest.raises(common.UsageError, match=r"matched no parameter .* named like: model\.embed_tokens"):
+    with pytest.raises(common.UsageError, match=r"matched no parameter .* named like: model\.layers\.0\.self_attn\.q_proj\.weight"):
         drift.select_tensors(model, args_for(reasoning, targets="visual_proj"))
     import transformers
     config = transformers.AutoConfig.from_pretrained(reasoning)
@@ -150,6 +152,94 @@ def test_no_match_or_mismatched_shapes_fail_with_what_was_expected_and_found(rea
         drift.build_prior(args, model, drift.select_tensors(model, args), CPU)
     skipped = drift.select_tensors(model, args_for(reasoning, skip_first_n=1, targets="attn"))
     assert skipped and all(".layers.0." not in n and "self_attn" in n for n in skipped)
+
+
+def tiny(arch, seed=0):
+    """tests/archs.py's `arch`, in memory (2 layers, width 64)."""
+    import transformers
+    config_name, model_name, kwargs = archs.ARCHS[arch]
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs))
+
+
+# tensors the default attn,mlp gets per architecture (2 layers each): q/k/v/o + gate/up/down = 7 per layer; Qwen2's
+# q/k/v biases +3; Phi-3's fused qkv_proj and gate_up_proj; GPT-2's Conv1D c_attn/c_proj/c_fc/c_proj with biases;
+# Qwen2-MoE: attention with biases, the fused 3-D experts.gate_up_proj/down_proj and the shared expert's three
+DEFAULT_COUNTS = {"llama": 14, "qwen2": 20, "qwen3": 14, "gemma": 14, "gemma2": 14, "gemma3": 14, "phi3": 8, "mistral": 14,
+                  "gpt2": 16, "olmo2": 14, "cohere": 14, "granite": 14, "qwen2_moe": 24}
+
+
+@pytest.mark.parametrize("arch", sorted(archs.ARCHS))
+def test_default_targets_are_every_decoder_tensor_but_norms_and_the_router(arch, capsys):
+    model = tiny(arch)
+    names = drift.select_tensors(model, drift.Args(model=arch))
+    norm_or_router = re.compile(r"norm|ln_\d|\.mlp\.gate\.|shared_expert_gate")
+    want = [n for n, _ in model.named_parameters() if re.search(r"\.(layers|h)\.\d+\.", n) and not norm_or_router.search(n)]
+    assert names == want and len(names) == DEFAULT_COUNTS[arch]
+    out = capsys.readouterr().out
+    attn = sum(1 for n in names if re.search(r"\.(self_attn|attn)\.", n))
+    assert f"DRIFT targets: attn {attn} tensors" in out and f"mlp {len(names) - attn} tensors" in out
+    if arch == "qwen2_moe":  # the router is left out by default, said so, and the `router` preset adds it
+        assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(names)
+        assert "router not targeted (4 tensors" in out
+        routed = drift.select_tensors(model, drift.Args(model=arch, targets="attn,mlp,router"))
+        assert sorted(set(routed) - set(names)) == [f"model.layers.{i}.mlp.{g}.weight" for i in (0, 1) for g in ("gate", "shared_expert_gate")]
+
+
+def test_a_preset_that_misses_a_block_type_or_a_layer_is_refused(monkeypatch):
+    # the attn regex before the fix: Phi-3's fused qkv_proj missed
+    monkeypatch.setitem(drift.PRESETS, "attn", r"\.self_attn\.(q|k|v|o)_proj\.(weight|bias)$")
+    with pytest.raises(common.UsageError, match=r"preset 'attn' leaves out 2 weight matrices .*: model\.layers\.0\.self_attn\.qkv_proj\.weight"):
+        drift.select_tensors(tiny("phi3"), drift.Args(model="phi3"))
+    # the old mlp regex matched no MoE MLP tensor at all; one that finds only the shared expert misses the experts
+    monkeypatch.setitem(drift.PRESETS, "mlp", r"\.mlp\.shared_expert\.(gate|up|down)_proj\.weight$")
+    with pytest.raises(common.UsageError, match=r"preset 'mlp' leaves out 4 weight matrices .*: model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        drift.select_tensors(tiny("qwen2_moe"), drift.Args(model="qwen2_moe"))
+    monkeypatch.undo()
+    model = tiny("llama")  # a layer whose attention module has another name: attn matches nothing there
+    model.model.layers[1].mixer = model.model.layers[1].self_attn
+    del model.model.layers[1].self_attn
+    with pytest.raises(common.UsageError, match=r"preset 'attn' matches nothing in layer 1 .*model\.layers\.1\.mixer\.q_proj\.weight"):
+        drift.select_tensors(model, drift.Args(model="llama"))
+    names = drift.select_tensors(model, drift.Args(model="llama", targets=r"attn,mlp,mixer\.(q|k|v|o)_proj"))
+    assert len(names) == 14 and "model.layers.1.mixer.o_proj.weight" in names
+    with pytest.raises(common.UsageError, match=r"'head' .* matched no parameter .*tied to the input embeddings"):
+        drift.select_tensors(model, drift.Args(model="llama", targets="attn,head"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2_moe"])
+def test_prior_on_gpt2_and_fused_moe_experts_is_the_difference_and_the_hooks_edit_them(arch, tmp_path):
+    """GPT-2 (transformer.h.*, Conv1D) and Qwen2-MoE (3-D experts, per-expert on disk): Delta is theta_R - theta_T of
+    the same in-memory tensors, and the gradient of every one of them gets the bias."""
+    target, reasoning = archs.make(arch, tmp_path / "t", seed=0), archs.make(arch, tmp_path / "r", seed=1)
+    args = drift.Args(model=target, reasoning_model=reasoning, scale="absolute", alpha=-0.5)
+    model = common.load_model(target)[0]
+    names = drift.select_tensors(model, args)
+    prior = drift.build_prior(args, model, names, CPU)
+    theta_t, theta_r = model.state_dict(), common.load_model(reasoning)[0].state_dict()
+    assert sorted(prior) == sorted(names) and len(names) == DEFAULT_COUNTS[arch]
+    for n in names:
+        assert torch.equal(prior[n][0], theta_r[n] - theta_t[n]) and (prior[n][0].abs().max() > 0 or n.endswith("bias")), n
+    if arch == "qwen2_moe":  # the fused tensor against the checkpoint's per-expert tensors: gate then up, expert by expert
+        disk_t, disk_r = (load_file(os.path.join(p, "model.safetensors")) for p in (target, reasoning))
+        part = lambda d, e, w: d[f"model.layers.1.mlp.experts.{e}.{w}_proj.weight"]
+        per_expert = torch.cat([torch.stack([part(disk_r, e, w) - part(disk_t, e, w) for e in range(4)]) for w in ("gate", "up")], 1)
+        torch.testing.assert_close(prior["model.layers.1.mlp.experts.gate_up_proj"][0], per_expert)
+    drift.attach_hooks(model, prior, args, micro_steps=1)
+    params = dict(model.named_parameters())
+    weights = {n: torch.randn(params[n].shape) for n in names}
+    sum((params[n] * weights[n]).sum() for n in names).backward()  # plain gradient = weights[n]
+    for n in names:
+        torch.testing.assert_close(params[n].grad, weights[n] - 0.5 * prior[n][0])
+
+
+def test_a_vision_language_model_is_refused_by_name(tmp_path, reasoning):
+    """The paper's Qwen2.5-VL-7B cannot run here (AutoModelForCausalLM, text data): one line before anything loads."""
+    import transformers
+    transformers.Qwen2_5_VLConfig(text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=128)).save_pretrained(tmp_path)
+    with pytest.raises(common.UsageError, match=r"--model .* is a vision-language model \(qwen2_5_vl\).*not supported"):
+        drift.main(drift.Args(model=str(tmp_path), reasoning_model=reasoning))
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -11,6 +11,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import archs
 import common
 import merge
 from scripts import records, run_script
@@ -212,6 +213,51 @@ def test_mismatched_inputs_are_refused_by_tensor_name_and_nothing_is_written(tmp
         merge.check_compatible([merge.Checkpoint(a), merge.Checkpoint(other_vocab)])
     with pytest.raises(common.UsageError, match="needs --base"):
         merge.main(merge.Args(method="ties", models=a, output_dir=str(tmp_path / "o")))
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """Tiny Qwen2-MoE models (tests/archs.py): a base and two 'fine-tuned' ones. transformers 5 keeps each layer's
+    experts fused in memory (mlp.experts.gate_up_proj, 3-D) and writes them per expert (experts.<e>.gate_proj.weight)."""
+    root = tmp_path_factory.mktemp("moe")
+    return [archs.make("qwen2_moe", root / f"m{seed}", seed) for seed in range(3)]
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_moe_merge_is_elementwise_on_the_saved_tensors_and_loads_fused(tmp_path, moe, method):
+    base, a, b = moe
+    merge.main(merge.Args(method=method, models=f"{a},{b}", base=base if method == "ties" else "", eval_datasets="",
+                          output_dir=str(tmp_path), density=0.5))
+    saved = load_file(os.path.join(tmp_path, "final", "model.safetensors"))
+    want = run_merge(tmp_path, method, [a, b], base if method == "ties" else "", density=0.5)  # per-expert, on-disk names
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in saved and set(saved) == set(want)
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    if method == "linear":  # in memory: the fused experts (and everything else) are the average of the inputs'
+        inputs = [transformers.AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (a, b)]
+        assert "model.layers.1.mlp.experts.gate_up_proj" in loaded
+        for k in loaded:
+            torch.testing.assert_close(loaded[k], (inputs[0][k] + inputs[1][k]) / 2, atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_gpt2_merges_with_its_own_config_names_and_lines_scales_its_h_blocks(tmp_path):
+    """GPT-2's config has n_layer (read through the config object as num_hidden_layers) and blocks transformer.h.<l>."""
+    base, ft = archs.make("gpt2", tmp_path / "base", 0), archs.make("gpt2", tmp_path / "ft", 1)
+    merge.main(merge.Args(method="lines", models=ft, base=base, alpha=0.25, eval_datasets="", output_dir=str(tmp_path / "out")))
+    saved = load_file(os.path.join(tmp_path, "out", "final", "model.safetensors"))
+    tb, tf = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(ft, "model.safetensors"))
+    for k in tb:  # L = 2: block 0 gets alpha, block 1 alpha + beta = 1, embeddings and ln_f alpha
+        scale = {"transformer.h.0.": 0.25, "transformer.h.1.": 1.0}.get(k[:16], 0.25)
+        torch.testing.assert_close(saved[k], tb[k] + scale * (tf[k] - tb[k]), atol=1e-6, rtol=1e-6, msg=k)
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").config.merge["method"] == "lines"
+    deeper = tmp_path / "deeper"
+    shutil.copytree(ft, deeper)
+    with open(deeper / "config.json") as f:
+        config = json.load(f)
+    with open(deeper / "config.json", "w") as f:
+        json.dump({**config, "n_layer": 3}, f)
+    with pytest.raises(common.UsageError, match=r"config num_hidden_layers differs: 2 in .*, 3 in"):
+        merge.check_compatible([merge.Checkpoint(ft), merge.Checkpoint(str(deeper))])
 
 
 MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")

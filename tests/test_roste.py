@@ -4,11 +4,13 @@ computational invariance of norm folding, R1 and every R2/R3/R4 switch, the rota
 import itertools
 import math
 import os
+import re
 
 import pytest
 import torch
 import transformers
 
+import archs
 import common
 import roste
 from scripts import losses, records, run_script
@@ -195,8 +197,9 @@ def test_16_bits_without_rotation_is_an_sft_py_step(batch):
     """The same loss and gradients as sft.py's compute_loss (the quantizers and the attention function are in the
     path, at 16 bits they are identities)."""
     import sft
-    ours, _ = common.load_model(BASE)
-    roste.prepare(ours, None, roste.Args(w_bits=16, a_bits=16, kv_bits=16, rotation="none"), None, 0)
+    ours, tok = common.load_model(BASE)
+    train, _ = common.load_sft_data(roste.Args().dataset, tok, 512, limit=2)  # the start-up invariance check's input
+    roste.prepare(ours, train, roste.Args(w_bits=16, a_bits=16, kv_bits=16, rotation="none"), None, tok.pad_token_id)
     theirs, _ = common.load_model(BASE)
     loss_ours, _ = roste.compute_loss(ours, batch, roste.Args(compile=False))
     loss_theirs, _ = sft.compute_loss(theirs, batch, sft.Args(compile=False))
@@ -220,12 +223,12 @@ def test_roste_trains_saves_and_reloads_quantized(tmp_path):
     examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", "math", "test.jsonl"), tok, 512, limit=4)
     rt = common.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     loss_fn = lambda m, b: roste.compute_loss(m, b, roste.Args(compile=False))
-    held_out = common.evaluate_loss(common.LossModule(model, loss_fn), examples, rt, tok.pad_token_id)
+    held_out = common.evaluate_loss(common.LossModule(model, loss_fn, rt), examples, rt, tok.pad_token_id)
     assert held_out["loss"] == pytest.approx(end["eval/math/loss"], rel=1e-4)
     with roste.full_precision(model):
-        fp = common.evaluate_loss(common.LossModule(model, loss_fn), examples, rt, tok.pad_token_id)
+        fp = common.evaluate_loss(common.LossModule(model, loss_fn, rt), examples, rt, tok.pad_token_id)
     assert fp["loss"] == pytest.approx(end["fp/eval/math/loss"], rel=1e-4) and fp["loss"] != pytest.approx(held_out["loss"], rel=1e-4)
-    plain_loss = common.evaluate_loss(common.LossModule(plain, loss_fn), examples, rt, tok.pad_token_id)
+    plain_loss = common.evaluate_loss(common.LossModule(plain, loss_fn, rt), examples, rt, tok.pad_token_id)
     assert plain_loss["loss"] == pytest.approx(fp["loss"], rel=1e-4)
 
 
@@ -234,6 +237,84 @@ def test_non_llama_layers_are_refused_by_name():
     with pytest.raises(common.UsageError, match="Llama-style layers"):
         roste.blocks(transformers.GPT2LMHeadModel(config))
 
+
+
+POST_NORMS = r"post-norm; the \w+ model's layer 0 normalises .* \(post_attention_layernorm, post_feedforward_layernorm\)"
+REFUSED = {  # per --rotation: the refusal's message names what is missing
+    "all": {"gemma2": POST_NORMS, "gemma3": POST_NORMS, "olmo2": POST_NORMS,
+            "cohere": r"layer 0 input_layernorm \(CohereLayerNorm\) is neither .* mean subtraction"},
+    "none": {"gemma2": r"no attention-logit softcapping; the gemma2 model's layer 0 uses softcap 50.0"},
+}
+for refused in REFUSED.values():
+    refused.update({"phi3": r"layer 0 has no self_attn.q_proj Linear \(its linears: .*self_attn.qkv_proj",
+                    "gpt2": r"decoder GPT2Model has no `layers`", "qwen2_moe": r"layer 0 has no mlp.gate_proj Linear"})
+
+
+@pytest.mark.parametrize("arch", sorted(archs.ARCHS))
+def test_every_architecture_is_kept_exact_at_16_bits_or_refused_before_the_surgery(arch, tmp_path):
+    """tests/archs.py's tiny models, with R1 and every online rotation (--rotation all) and without (none): prepare
+    (norms folded, R1, R2-R4, roste_attention) leaves the logits within 1e-4 of their scale and greedy generation
+    identical, or refuses with one line naming what is missing, before any weight has changed."""
+    path = archs.make(arch, tmp_path / arch)
+    reference, tok = common.load_model(path)
+    train, _ = common.load_sft_data(roste.Args().dataset, tok, 512, limit=2)
+    batch = common.collate(train, range(2), tok.pad_token_id, "cpu")
+    want, start = logits(reference, batch), reference.state_dict()
+    prompts = [[{"role": "user", "content": "What is 17 + 25?"}], [{"role": "user", "content": "Write a function f"}]]
+    answers = None
+    for rotation in ("all", "none"):
+        model, _ = common.load_model(path)
+        args = roste.Args(w_bits=16, a_bits=16, kv_bits=16, rotation=rotation)
+        if arch in REFUSED[rotation]:
+            with pytest.raises(common.UsageError, match=REFUSED[rotation][arch]):
+                roste.prepare(model, train, args, None, tok.pad_token_id)
+            assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+            continue
+        roste.prepare(model, train, args, None, tok.pad_token_id)
+        assert (logits(model, batch) - want).abs().max() <= 1e-4 * want.abs().max()
+        embed = model.get_input_embeddings().weight  # R1 really is in the weights (or not)
+        assert torch.equal(embed, start[next(k for k in start if k.endswith("embed_tokens.weight"))]) == (rotation == "none")
+        answers = answers or common.generate(reference, tok, prompts, 6)
+        assert common.generate(model, tok, prompts, 6) == answers
+
+
+def test_gain_offset_reads_the_norm_form_from_the_module_not_its_name():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    llama, gemma, layer_norm = LlamaRMSNorm(24), GemmaRMSNorm(24), torch.nn.LayerNorm(24, bias=False)
+    for norm in (llama, gemma, layer_norm):
+        torch.nn.init.normal_(norm.weight)
+    assert roste.gain_offset(llama, "n", "x") == 0 and roste.gain_offset(gemma, "n", "x") == 1
+    assert roste.gain_offset(torch.nn.RMSNorm(24), "n", "x") == 0 and roste.gain_offset(GemmaRMSNorm(24), "n", "x") == 1
+    with pytest.raises(common.UsageError, match=r"the x model's n \(LayerNorm\) is neither"):
+        roste.gain_offset(layer_norm, "n", "x")
+    with pytest.raises(common.UsageError, match=r"\(LayerNorm\) has a bias"):
+        roste.gain_offset(torch.nn.LayerNorm(24), "n", "x")
+
+
+def test_the_start_up_invariance_check_refuses_a_surgery_that_changed_the_model(tmp_path, monkeypatch):
+    """What no layout check catches, the logits do: the old fold (gain w, Llama's rule) on Gemma's x (1 + w) norms
+    zeroes a fresh Gemma's readers (w = 0), and prepare must stop before the search and training, with the
+    measured difference in the message."""
+    def llama_rule(model):
+        with torch.no_grad():
+            for norm, readers, _ in roste.check_layout(model):
+                for linear in readers:
+                    linear.weight.mul_(norm.weight)
+                norm.weight.fill_(1.0)
+    model, tok = common.load_model(archs.make("gemma", tmp_path / "gemma"))
+    train, _ = common.load_sft_data(roste.Args().dataset, tok, 512, limit=2)
+    searched = []
+    monkeypatch.setattr(roste, "fuse_norms", llama_rule)
+    monkeypatch.setattr(roste, "search_rotations", lambda *a: searched.append(1))
+    with pytest.raises(common.UsageError, match=r"moved the gemma model's full-precision logits by") as refusal:
+        roste.prepare(model, train, roste.Args(w_bits=16, a_bits=16, kv_bits=16), None, tok.pad_token_id)
+    diff, scale = (float(v) for v in re.search(r"by ([\d.e+-]+) \(max \|logit\| ([\d.e+-]+)", str(refusal.value)).groups())
+    assert diff == pytest.approx(scale, rel=1e-3) and scale > 1 and not searched  # the head was zeroed: logits 0
+    monkeypatch.undo()
+    model, _ = common.load_model(str(tmp_path / "gemma"))  # and the correct fold passes the same check
+    roste.prepare(model, train, roste.Args(w_bits=16, a_bits=16, kv_bits=16, rotation="all"), None, tok.pad_token_id)
+    assert all(torch.equal(layer.input_layernorm.weight, torch.zeros(64)) for layer in model.get_decoder().layers)
 
 def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
     """The rotation and the search are redone at start-up (deterministic), then the checkpoint's latent weights,
