@@ -236,12 +236,12 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
-    common.check_objective(model, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device), rt)
+    common.check_objective(model, common.collate(train, schedule[0][:2] if schedule else [0], tokenizer.pad_token_id, rt.device), rt)
 
     # METHOD: the frozen reference model when the anchor is on
     reference = None
     if args.mode in ("sft+kl", "asft"):
-        reference = load_reference(args, model, tokenizer, rt, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device))
+        reference = load_reference(args, model, tokenizer, rt, common.collate(train, schedule[0][:2] if schedule else [0], tokenizer.pad_token_id, rt.device))
 
     # COMMON: optimizer and schedule
     loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args, reference), rt, args.fsdp, args.gradient_checkpointing)

@@ -347,7 +347,7 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
-    common.check_objective(model, common.collate(train, schedule[0][:2], tokenizer.pad_token_id, rt.device), rt)
+    common.check_objective(model, common.collate(train, schedule[0][:2] if schedule else [0], tokenizer.pad_token_id, rt.device), rt)
 
     # METHOD: the prior Delta (Eq. 2), once; the hooks that add the bias (Eq. 3) to every selected tensor's gradient
     names = select_tensors(model, args)

@@ -4,8 +4,9 @@ set -euo pipefail
 # reasoning model, Delta = theta_R - theta_T, adaptive scale, alpha = -1 (the paper's). Claim (Tables 2-3, 5):
 # DRIFT > SFT from the same start on the same data, and > naive merging theta_T + lambda Delta (Table 1, BR2V's
 # lambda 0.1), which hurts the target's own skill. The paper: Qwen2.5-VL-7B + DeepSeek-R1-Distill-Qwen-7B, lr 1e-6,
-# 3 epochs, batch 1. Here, text only at 1.5B (the embedded world's setup): theta_T = a code model that learns GSM8K
-# with a math model's prior; its own skill (MBPP) is the retention column. Same attn/MLP tensor names and shapes
+# 3 epochs, batch 1; drift.py refuses vision-language models (text loading and data only). Here, text only at 1.5B
+# (the embedded world's setup): theta_T = a code model that learns GSM8K with a math model's prior; its own skill
+# (MBPP) is the retention column. Same attn/MLP tensor names and shapes
 # are required (checked by drift.py). Baselines: SFT from theta_T (`--alpha 0`, bit-identical to sft.py) per seed,
 # and the naive merges lambda 0.1 / 0.5 / 1 evaluated by the first seed's DRIFT run before it trains.
 # The budget is sft.sh's (lr 1e-5, batch 64, 330 steps); LR=1e-6 gives the paper's rate (the README's world study:
@@ -20,6 +21,7 @@ set -euo pipefail
 MODEL=${MODEL:-Qwen/Qwen2.5-Coder-1.5B-Instruct}
 REASONING=${REASONING:-Qwen/Qwen2.5-Math-1.5B-Instruct}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+REASONING=$(hub_model "$REASONING")
 prepare_data
 
 DRIFT=(--reasoning_model "$REASONING" --targets attn,mlp --scale adaptive --prior_device auto --prior_dtype float32)

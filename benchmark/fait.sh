@@ -19,11 +19,12 @@ set -euo pipefail
 MODEL=${MODEL:-Qwen/Qwen2.5-Coder-1.5B-Instruct}
 TEACHER=${TEACHER-Qwen/Qwen2.5-Coder-7B-Instruct}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+TEACHER=$(hub_model "$TEACHER")
 prepare_data
 
 FAIT=(--teacher "$TEACHER" --variant_prompts corrupt,task --num_samples 4 --min_similarity 0.5 --gen_temperature 1.0
-      --gen_max_new_tokens 512 --gen_batch_size 64 --gen_seed 0 --cache_dir "$OUT/cache" --alpha 1.0 --beta 1.0
-      --renormalize true)
+      --gen_max_new_tokens "$NEW_TOKENS" --gen_batch_size 64 --gen_seed 0 --cache_dir "$OUT/cache" --alpha 1.0
+      --beta 1.0 --renormalize true)
 for seed in $SEEDS; do
   launch "$OUT/sft_code_s$seed" torchrun --standalone --nproc_per_node "$NPROC" sft.py --model "$MODEL" "${CODE[@]}" \
     --seed "$seed" --eval_before "$(first "$seed")"

@@ -16,6 +16,7 @@ set -euo pipefail
 # Env: MODEL (Qwen/Qwen2.5-0.5B-Instruct, the base of the task vectors), SEEDS ("0 1 2": the soup's ingredients),
 #   OUT (runs/paper); NPROC (8) only for training the SFT runs if they are missing; see benchmark/common.sh.
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
+if [ "${REHEARSAL:-0}" = 1 ]; then SEEDS=${SEEDS:-"0 1"}; fi  # two ingredients, so that the soups mix something
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 prepare_data
 need_sft

@@ -18,8 +18,8 @@ need_sft
 
 for seed in $SEEDS; do
   launch "$OUT/s3ft_s$seed" torchrun --standalone --nproc_per_node "$NPROC" s3ft.py --model "$MODEL" "${MATH[@]}" \
-    --seed "$seed" --eval_before "$(first "$seed")" --own_answers true --gen_max_new_tokens 512 --gen_temperature 0 \
-    --gen_batch_size 64 --gen_seed 0 --leak_filter true --cache_dir "$OUT/cache"
+    --seed "$seed" --eval_before "$(first "$seed")" --own_answers true --gen_max_new_tokens "$NEW_TOKENS" \
+    --gen_temperature 0 --gen_batch_size 64 --gen_seed 0 --leak_filter true --cache_dir "$OUT/cache"
 done
 
 python results.py "$OUT"/sft_s[0-9]* "$OUT"/s3ft_s[0-9]* --metrics "${MATH_METRICS[@]}"

@@ -14,6 +14,7 @@ set -euo pipefail
 # Env: NPROC (8), MODEL (Qwen/Qwen2.5-0.5B-Instruct), SEEDS ("0 1 2"), OUT (runs/paper), EXITS (12,16,20,24; the last
 #   must be the model's depth: EXITS=12,16,20,24,28 for Qwen2.5-1.5B); see benchmark/common.sh.
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
+if [ "${REHEARSAL:-0}" = 1 ]; then EXITS=${EXITS:-1,2}; fi  # the 2 layers of the rehearsal's stand-in model
 EXITS=${EXITS:-12,16,20,24}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 prepare_data
