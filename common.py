@@ -213,24 +213,28 @@ def decoder_layers(model) -> list:
     raise UsageError(f"{type(model).__name__}: no decoder layer list found (expected decoder.layers or decoder.h)")
 
 
-def decoder_forward(model, batch) -> tuple:
+def decoder_forward(model, batch, hidden_states: bool = False) -> tuple:
     """The decoder's final hidden states (after the final norm, before the LM head) and, for a mixture of experts,
     the model's own router load-balancing loss times its config's `router_aux_loss_coef`, in summed-loss units
     (times the micro-batch's loss tokens, so the global token normalisation turns it into the token-weighted mean
     of the per-micro-batch losses; one micro-batch gives exactly the model's own `loss + coef * aux_loss`).
-    Returns (hidden [B, T, H], router loss (0-d), metrics: {"moe/router_aux_loss": aux} for MoE, else {})."""
+    Returns (hidden [B, T, H], router loss (0-d), metrics: {"moe/router_aux_loss": aux} for MoE, else {}).
+    hidden_states=True: the first value is every block's output instead (the embeddings first; the last entry is
+    the final hidden state, through the final norm), for methods that read intermediate layers."""
     decoder = model.get_decoder()
     coef = getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0
     balance = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-    if not coef or balance is None:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return hidden, hidden.new_zeros((), dtype=torch.float32), {}
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    moe = bool(coef) and balance is not None
+    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  **({"output_hidden_states": True} if hidden_states else {}), **({"output_router_logits": True} if moe else {}))
+    hidden = (*out.hidden_states[:-1], out.last_hidden_state) if hidden_states else out.last_hidden_state
+    if not moe:
+        return hidden, out.last_hidden_state.new_zeros((), dtype=torch.float32), {}
     experts = getattr(model, "num_experts", None) or model.config.num_experts
     top_k = getattr(model, "num_experts_per_tok", None) or model.config.num_experts_per_tok
     aux = balance(out.router_logits, experts, top_k, batch["attention_mask"]).float()
     tokens = (batch["targets"] != IGNORE_INDEX).sum()
-    return out.last_hidden_state, coef * aux * tokens, {"moe/router_aux_loss": aux.item()}
+    return hidden, coef * aux * tokens, {"moe/router_aux_loss": aux.item()}
 
 
 def logit_map(model) -> tuple:

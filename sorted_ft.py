@@ -16,6 +16,7 @@ Usage:
     # a sub-model is an ordinary model: AutoModelForCausalLM.from_pretrained("runs/sorted_ft/final", num_hidden_layers=n)
 """
 import contextlib
+import copy
 import dataclasses
 import inspect
 import os
@@ -45,7 +46,9 @@ class Args:
     seed: int = 0
     """seed of data order, sampling and evaluation"""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 (parameters and compute)"""
+    """compute dtype: float32 | bfloat16 (mixed precision: fp32 master weights and AdamW state, bf16 matmuls)"""
+    save_dtype: str = ""
+    """dtype of the saved final model: float32 | bfloat16 | float16; empty = the starting model's"""
     device: str = "auto"
     """auto | cpu | cuda"""
     max_length: int = 512
@@ -72,6 +75,8 @@ class Args:
     """compile the fused loss's per-chunk function with torch.compile"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -118,70 +123,158 @@ def exit_depths(args, num_layers, spec=None):
     return depths
 
 
-def sorted_loss(exit_hidden, head, labels, chunk_size=None, compile=True):
+def sorted_loss(exit_hidden, head, labels, logit_map=(1.0, 0.0), chunk_size=None, compile=True):
     """L_SoFT = (1/|B|) sum_{n in B} CE(W N(h_n), y) (Kavehzadeh et al. 2024, Eq. 1; the text says "sum", the
     equation divides by |B|: we use the mean).
 
     exit_hidden = [N(h_n) for n in B], each already through the final norm N exactly once; head = W, the shared
     LM head [V, H]; labels = y. Each exit's summed token cross-entropy comes from the fused loss, so no exit's
-    [tokens x V] logits exist. Returns (mean over exits of the summed losses, [per-exit summed loss])."""
-    per_exit = [common.fused_linear_cross_entropy(h, head, labels, chunk_size=chunk_size, compile=compile)[0]
+    [tokens x V] logits exist; logit_map is the model's own logit post-processing (common.logit_map), the same at
+    every exit. Returns (mean over exits of the summed losses, [per-exit summed loss])."""
+    per_exit = [common.fused_linear_cross_entropy(h, head, labels, logit_map=logit_map, chunk_size=chunk_size,
+                                                  compile=compile)[0]
                 for h in exit_hidden]
     return torch.stack(per_exit).mean(), per_exit
 
 
+# METHOD: what the exits read (the decoder's blocks and final norm), the n-block sub-model, early exit
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def exit_parts(model):
+    """(attribute name of the decoder's list of its L blocks, its final norm N): what every exit reads. Llama-style
+    decoders call them `layers` and `norm`, GPT-2 `h` and `ln_f`; a decoder without both is refused."""
+    decoder, num_layers = model.get_decoder(), model.config.num_hidden_layers
+    lists = [name for name, child in decoder.named_children() if isinstance(child, torch.nn.ModuleList) and len(child) == num_layers]
+    norm = next((getattr(decoder, n) for n in FINAL_NORMS if isinstance(getattr(decoder, n, None), torch.nn.Module)), None)
+    if len(lists) != 1 or norm is None:
+        missing = f"single list of its {num_layers} blocks" if len(lists) != 1 else f"final norm (one of {', '.join(FINAL_NORMS)})"
+        raise common.UsageError(f"sorted_ft.py reads exits from the decoder's blocks and final norm, but this "
+                                f"{model.config.model_type} model's {type(decoder).__name__} has no {missing}; its modules: "
+                                f"{', '.join(name for name, _ in decoder.named_children())}")
+    return lists[0], norm
+
+
 @contextlib.contextmanager
 def truncated(model, n):
-    """The model cut to its first n layers, in place: Hugging Face decoders run `layers[:config.num_hidden_layers]`
-    and then the final norm, which is exactly exit n (and what from_pretrained(..., num_hidden_layers=n) builds)."""
-    full = model.config.num_hidden_layers
+    """The model cut to its first n blocks, in place: the block list sliced (GPT-2 runs its whole list) and
+    config.num_hidden_layers = n (Llama-style decoders run that many; caches are sized by it). A forward is then
+    exactly exit n, the model that from_pretrained(..., num_hidden_layers=n) builds."""
+    name, _ = exit_parts(model)
+    decoder, full = model.get_decoder(), model.config.num_hidden_layers
+    blocks = getattr(decoder, name)
+    setattr(decoder, name, blocks[:n])
     model.config.num_hidden_layers = n
     try:
         yield model
     finally:
+        setattr(decoder, name, blocks)
         model.config.num_hidden_layers = full
+
+
+class Resume(torch.nn.Module):
+    """Stands in for each of the blocks before a span that starts deeper: hands on their output, computed earlier."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = None
+
+    def forward(self, *args, **kwargs):
+        return self.hidden
 
 
 @torch.no_grad()
 def early_exit_decode(model, prompt_ids, thresholds: dict, max_new_tokens: int, stop_ids):
     """Greedy decoding of one prompt with confidence-threshold early exit (the paper's "instance-aware dynamic
-    inference", Sec. 4.3): per token, run the layers in order; at exit n emit argmax W N(h_n) if its softmax
-    probability is >= thresholds[n], else go on; the last layer always emits.
-    KV cache (our choice; the paper's "adaptive caching" is not described): a token that exits at n has no keys
-    and values in layers > n yet. They are computed exactly, later, when a token goes deeper: each layer keeps
+    inference", Sec. 4.3): per token, run the spans of blocks between the exits in order; at exit n emit the argmax
+    of the logits from N(h_n) if its softmax probability is >= thresholds[n], else go on; the last block always
+    emits. KV cache (our choice; the paper's "adaptive caching" is not described): a token that exits at n has no
+    keys and values in blocks > n yet. They are computed exactly, later, when a token goes deeper: each span keeps
     the inputs it has not processed and runs them together with the new one (lazy catch-up). So thresholds > 1 give
-    the full model's greedy tokens and threshold 0 at exit n gives the n-layer sub-model's.
-    Returns (token ids, exit depth of each, layer-token forwards run)."""
+    the full model's greedy tokens and threshold 0 at exit n gives the n-block sub-model's.
+    Each span runs through the model's own forward, so its masks (sliding windows, per-layer `layer_types`), rotary,
+    final norm, LM head and logit post-processing (softcap, scaling) are the model's: span s is the model cut to
+    its first ends[s] blocks, of which the first starts[s] are a `Resume` handing on their earlier output.
+    Returns (token ids, exit depth of each, block-token forwards run)."""
     from transformers import DynamicCache
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    layers = decoder.layers[: model.config.num_hidden_layers]
-    cache = DynamicCache(config=model.config)
-    cache_arg = "cache" if "cache" in inspect.signature(layers[0].forward).parameters else "past_key_values"  # 5.x
-    pending = [None] * (len(layers) + 1)  # pending[m]: inputs of layer m not yet run through it
-    done = [0] * len(layers)              # positions whose keys/values layer m has
-    pending[0] = decoder.embed_tokens(prompt_ids[None])
-    tokens, depths, work = [], [], 0
-    for _ in range(max_new_tokens):
-        for m, layer in enumerate(layers):
-            x, pending[m] = pending[m], None
-            k, p = x.shape[1], done[m]
-            position = torch.arange(p, p + k, device=x.device)[None]
-            mask = torch.full((k, p + k), float("-inf"), device=x.device, dtype=x.dtype).triu(p + 1)[None, None]
-            x = layer(x, attention_mask=mask, position_ids=position, use_cache=True, **{cache_arg: cache},
-                      position_embeddings=decoder.rotary_emb(x, position_ids=position))
-            done[m], work = p + k, work + k
-            pending[m + 1] = x if pending[m + 1] is None else torch.cat([pending[m + 1], x], 1)
-            if m + 1 in thresholds or m + 1 == len(layers):
-                prob, token = head(decoder.norm(x[:, -1])).float().softmax(-1).max(-1)
-                if m + 1 == len(layers) or prob.item() >= thresholds[m + 1]:
+    name, norm = exit_parts(model)
+    decoder, last = model.get_decoder(), model.config.num_hidden_layers
+    blocks, cache = getattr(decoder, name), DynamicCache(config=model.config)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x
+    ends = sorted({n for n in thresholds if 0 < n < last} | {last})  # span s runs blocks starts[s]+1..ends[s]
+    starts, resume = [0] + ends[:-1], [Resume() for _ in ends]
+    lists = [torch.nn.ModuleList([resume[s]] * a + list(blocks[a:b])) for s, (a, b) in enumerate(zip(starts, ends))]
+    views = []  # the cache as span s sees it: layers outside the span alias its first, so the model sizes its
+    for a, b in zip(starts, ends):  # masks and positions by the span's own layers, which have all seen the same tokens
+        views.append(copy.copy(cache))
+        views[-1].layers = [cache.layers[j if a <= j < b else a] for j in range(len(cache.layers))]
+    done = [0] * len(ends)        # positions whose keys/values the blocks of span s have
+    pending = [None] * len(ends)  # pending[s]: span s's input (span s-1's output) at positions done[s]..
+    ids, tokens, depths, work, seen = prompt_ids, [], [], 0, []
+    hook = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # a span's output before N
+    try:
+        for _ in range(max_new_tokens):
+            for s, stop in enumerate(ends):
+                setattr(decoder, name, lists[s])
+                resume[s].hidden, new = pending[s], ids[done[s]:]
+                positions = torch.arange(done[s], len(ids), device=ids.device)[None]
+                logits = model(input_ids=new[None], position_ids=positions, use_cache=True, logits_to_keep=1,
+                               **{cache_arg: views[s]}).logits[:, -1]
+                work += len(new) * (stop - starts[s])
+                done[s], pending[s], hidden = len(ids), None, seen.pop()
+                if stop < last:
+                    pending[s + 1] = hidden if pending[s + 1] is None else torch.cat([pending[s + 1], hidden], 1)
+                prob, token = logits.float().softmax(-1).max(-1)
+                if stop == last or prob.item() >= thresholds[stop]:
                     break
-        pending[len(layers)] = None
-        tokens.append(token.item())
-        depths.append(m + 1)
-        if token.item() in stop_ids:
-            break
-        pending[0] = decoder.embed_tokens(token[None])
+            tokens.append(token.item())
+            depths.append(stop)
+            if token.item() in stop_ids:
+                break
+            ids = torch.cat([ids, token])
+    finally:
+        setattr(decoder, name, blocks)
+        hook.remove()
     return tokens, depths, work
+
+
+@torch.no_grad()
+def check_exits(model, depths, ids, decoding=True, new_tokens=4):
+    """Start-up guard (before training), on the tokens `ids`: each exit n < L as compute_loss reads it, N(h_n), equals
+    the model truncated to n blocks, and, with `decoding`, early_exit_decode with thresholds that never fire (always
+    fire at the first exit) generates what greedy decoding of the full (the truncated) model generates. An
+    architecture where either fails is refused with one line, not after training."""
+    name, norm = exit_parts(model)
+    decoder, what = model.get_decoder(), f"this {model.config.model_type} model ({type(model).__name__})"
+    was_training = model.training
+    model.eval()
+    try:
+        states = decoder(input_ids=ids[None], output_hidden_states=True).hidden_states
+        for n in depths[:-1]:
+            with truncated(model, n):
+                want = decoder(input_ids=ids[None]).last_hidden_state
+            diff = (norm(states[n]) - want).abs().max().item()
+            if not diff <= 1e-3 * want.abs().max().item():
+                raise common.UsageError(f"sorted_ft.py: on {what}, exit {n} as the loss reads it ({name}[:{n}], then the "
+                                        f"final norm) differs from the model truncated to {n} blocks by {diff:.2e}: its "
+                                        f"decoder is not its blocks followed by that norm")
+        if not decoding:
+            return
+        greedy = lambda: common.decode(model, ids[None], torch.ones_like(ids)[None], new_tokens, torch.tensor([-1]))[0].tolist()
+        want = greedy()
+        with truncated(model, depths[0]):
+            want_first = greedy()
+        try:
+            full = early_exit_decode(model, ids, {n: 2.0 for n in depths[:-1]}, new_tokens, set())[0]
+            first = early_exit_decode(model, ids, {depths[0]: 0.0}, new_tokens, set())[0]
+        except Exception as err:  # e.g. a decoder loop that reads attributes of its blocks
+            full = first = f"{type(err).__name__}: {err}"
+        if full != want or first != want_first:
+            raise common.UsageError(f"sorted_ft.py: the early-exit decoder does not reproduce greedy decoding on {what} "
+                                    f"(full depth: {full} vs {want}; exit {depths[0]}: {first} vs {want_first}); "
+                                    f"train without the early-exit test: --early_exit_prompts 0")
+    finally:
+        model.train(was_training)
 
 
 def early_exit_report(model, tokenizer, examples, depths, args, rt):
@@ -199,7 +292,8 @@ def early_exit_report(model, tokenizer, examples, depths, args, rt):
         t0 = time.time()
         for e in mine:
             ids = tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
-            out, exits, _ = early_exit_decode(model, torch.tensor(ids, device=rt.device), thresholds, args.max_new_tokens, stops)
+            with common.precision(rt):  # the compute dtype, as in the rest of the evaluation
+                out, exits, _ = early_exit_decode(model, torch.tensor(ids, device=rt.device), thresholds, args.max_new_tokens, stops)
             text = tokenizer.decode([t for t in out if t not in stops], skip_special_tokens=True)
             passed += common.JUDGES[e["task"]](text, e["reference"])[0]
             tokens, exit_sum = tokens + len(out), exit_sum + sum(exits)
@@ -216,17 +310,17 @@ def early_exit_report(model, tokenizer, examples, depths, args, rt):
 def compute_loss(model, batch, args, depths=()):
     """Summed SoFT loss of a micro-batch (mean over exits of each exit's summed token cross-entropy); the caller
     normalises by the global token count. The held-out loss (no grad) is the current model's plain cross-entropy."""
-    decoder = model.get_decoder()
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    # METHOD: hidden_states[n] is block n's output before the final norm, except the last entry, which Hugging Face
-    # returns already normalised (= last_hidden_state): norm exits n < L once, and never renorm the last one
-    last = model.config.num_hidden_layers
+    states, router_loss, metrics = common.decoder_forward(model, batch, hidden_states=True)  # router_loss: MoE, else 0
+    # METHOD: states[n] is block n's output before the final norm, except the last entry, which is already
+    # normalised (= last_hidden_state): norm exits n < L once, and never renorm the last one
+    last, norm = model.config.num_hidden_layers, exit_parts(model)[1]  # norm: the decoder's own (GPT-2: ln_f)
     exits = [n for n in depths if n < last] if torch.is_grad_enabled() else []
-    exit_hidden = [decoder.norm(out.hidden_states[n]) for n in exits] + [out.last_hidden_state]
+    exit_hidden = [norm(states[n]) for n in exits] + [states[-1]]
     loss_sum, per_exit = sorted_loss(exit_hidden, model.get_output_embeddings().weight, batch["targets"],
-                                     chunk_size=args.chunk_size or None, compile=args.compile)
+                                     logit_map=common.logit_map(model), chunk_size=args.chunk_size or None,
+                                     compile=args.compile)
     n = (batch["targets"] != common.IGNORE_INDEX).sum().clamp(min=1)
-    return loss_sum, {f"exit{d}/ce": (x.detach() / n).item() for d, x in zip(exits + [last], per_exit)}
+    return loss_sum + router_loss, metrics | {f"exit{d}/ce": (x.detach() / n).item() for d, x in zip(exits + [last], per_exit)}
 
 
 def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
@@ -257,11 +351,11 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 
 def main(args):
     # COMMON: seed, distributed
-    rt = common.setup_distributed(args.device)
+    rt = common.setup_distributed(args.device, args.dtype)
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, args.dtype, rt.device, args.trust_remote_code)
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
@@ -279,13 +373,16 @@ def main(args):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
+    common.check_objective(model, common.collate(train, schedule[0][:2] if schedule else [0], tokenizer.pad_token_id, rt.device), rt)
 
     # METHOD: the exits
     depths = exit_depths(args, model.config.num_hidden_layers)
     print0(f"SoFT: exits after layers {depths} of {model.config.num_hidden_layers}, all every step")
+    check_exits(model, depths, torch.tensor(train[0]["input_ids"][:32], device=rt.device),
+                decoding=bool(args.early_exit_prompts) and not args.fsdp)  # refuse now, not after training
 
     # COMMON: optimizer and schedule
-    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args, depths), rt, args.fsdp)
+    loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args, depths), rt, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(args.warmup_ratio * args.steps))
     cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
@@ -331,7 +428,7 @@ def main(args):
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),
-                    **{f"method/{k}": v for k, v in metrics.items()}})
+                    **{k if k.startswith("moe/") else f"method/{k}": v for k, v in metrics.items()}})
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             common.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step + 1}"), model, tokenizer, rt,
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
@@ -340,11 +437,16 @@ def main(args):
             target_set = dict(list(eval_sets.items())[:1])
             logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
+    # METHOD: final/ also before the final evaluation, whose batch-1 early-exit test is its longest part: nothing
+    # in it can lose the trained model (the save below rewrites the same weights)
+    if args.early_exit_prompts and not args.fsdp:
+        common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, dtype=args.save_dtype)
+
     # COMMON: evaluate and save
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -1,5 +1,7 @@
 """SoFT: exits against truncated models and full logits, the double-norm trap, the loss composition and its
-gradients, early-exit decoding against slow references, and the script (--exits L is sft.py)."""
+gradients, early-exit decoding against slow references, the same on every common architecture (tiny random models:
+sliding windows, softcaps, logit scales, GPT-2's layout) and the start-up refusals, and the script (--exits L is
+sft.py)."""
 import os
 
 import pytest
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
+import archs
 import common
 import sft
 import sorted_ft
@@ -27,11 +30,23 @@ def world():
     return model, tok, args, batch
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on one thread: on a busy machine a second one only adds contention (up to 50x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def exit_logits(model, batch, n):
-    """Exit n as the training loss reads it: hidden state after n blocks, final norm (once), shared head."""
+    """Exit n as the training loss reads it: hidden state after n blocks, final norm (once), shared head, then the
+    model's logit post-processing (scale, softcap) that the fused loss applies."""
     out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    hidden = out.last_hidden_state if n == model.config.num_hidden_layers else model.get_decoder().norm(out.hidden_states[n])
-    return model.get_output_embeddings()(hidden)
+    hidden = out.last_hidden_state if n == model.config.num_hidden_layers else sorted_ft.exit_parts(model)[1](out.hidden_states[n])
+    scale, softcap = common.logit_map(model)
+    z = model.get_output_embeddings()(hidden) * scale
+    return softcap * torch.tanh(z / softcap) if softcap else z
 
 
 def test_default_exits_are_every_quarter_and_always_end_at_the_last_layer():
@@ -101,16 +116,14 @@ def test_only_the_last_exit_has_sft_py_loss_and_gradients(world):
 
 
 def slow_early_exit(model, prompt, thresholds, max_new_tokens, stops):
-    """Reference: recompute the whole sequence without a cache for every token; emit at the first exit whose top
-    probability passes its threshold."""
-    ids, tokens, depths = list(prompt), [], []
+    """Reference: for every token, recompute the whole sequence without a cache through each sub-model's own
+    forward (the model truncated to n blocks); emit at the first exit whose top probability passes its threshold."""
+    ids, tokens, depths, last = list(prompt), [], [], model.config.num_hidden_layers
     for _ in range(max_new_tokens):
-        x = torch.tensor([ids])
-        hs = model.get_decoder()(input_ids=x, output_hidden_states=True).hidden_states
-        for n in range(1, 5):
-            h = hs[n][:, -1] if n == 4 else model.get_decoder().norm(hs[n][:, -1])
-            prob, token = model.get_output_embeddings()(h).softmax(-1).max(-1)
-            if n == 4 or (n in thresholds and prob.item() >= thresholds[n]):
+        for n in sorted(thresholds) + [last]:
+            with sorted_ft.truncated(model, n):
+                prob, token = model(input_ids=torch.tensor([ids])).logits[:, -1].float().softmax(-1).max(-1)
+            if n == last or prob.item() >= thresholds[n]:
                 break
         tokens.append(token.item())
         depths.append(n)
@@ -121,7 +134,7 @@ def slow_early_exit(model, prompt, thresholds, max_new_tokens, stops):
 
 
 @torch.no_grad()
-def test_early_exit_decoding_is_exact(world):
+def test_early_exit_decoding_is_exact(world, one_thread):
     model, tok, _, _ = world
     model.eval()
     examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", "math", "test.jsonl"), tok, 512, split="test", limit=3)
@@ -142,6 +155,99 @@ def test_early_exit_decoding_is_exact(world):
         assert out == want and depths == want_depths
         mixed += len(set(depths)) > 1
     assert mixed  # the catch-up path (tokens after an early exit that go deeper) was exercised
+
+
+@pytest.fixture(scope="module")
+def arch_model(tmp_path_factory):
+    """arch -> (directory, model in eval mode, tokenizer) of a tiny random model (tests/archs.py), made once."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            path = archs.make(arch, tmp_path_factory.mktemp(arch))
+            model, tok = common.load_model(path)
+            made[arch] = (path, model.eval(), tok)
+        return made[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch", list(archs.ARCHS))
+def test_every_architectures_exits_are_its_sub_models_and_the_last_its_own_logits(arch, arch_model, one_thread):
+    path, model, tok = arch_model(arch)
+    train, _ = common.load_sft_data(sorted_ft.Args().dataset, tok, 512, limit=3)
+    batch = common.collate(train, [0, 1, 2], tok.pad_token_id, "cpu")
+    assert batch["input_ids"].shape[1] > 16 and (batch["attention_mask"] == 0).any()  # past the sliding windows, padded
+    inputs, mask = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(exit_logits(model, batch, 2)[mask], model(**inputs).logits[mask])  # softcap, scales, ln_f
+        want = transformers.AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=1)(**inputs).logits
+        torch.testing.assert_close(exit_logits(model, batch, 1)[mask], want[mask], atol=1e-4, rtol=1e-4)
+        with sorted_ft.truncated(model, 1):  # what evaluation and generation use (GPT-2 runs its whole block list)
+            torch.testing.assert_close(model(**inputs).logits[mask], want[mask], atol=1e-4, rtol=1e-4)
+    assert model.config.num_hidden_layers == len(getattr(model.get_decoder(), sorted_ft.exit_parts(model)[0])) == 2  # restored
+
+
+@pytest.mark.parametrize("arch", list(archs.ARCHS))
+def test_every_architectures_loss_trains_each_exit_on_those_logits(arch, arch_model, one_thread):
+    _, model, tok = arch_model(arch)
+    train, _ = common.load_sft_data(sorted_ft.Args().dataset, tok, 512, limit=3)
+    batch = common.collate(train, [0, 1, 2], tok.pad_token_id, "cpu")
+    mask = batch["attention_mask"].bool()
+    _, metrics = sorted_ft.compute_loss(model, batch, sorted_ft.Args(compile=False), depths=[1, 2])
+    targets = batch["targets"][mask]
+    for n in (1, 2):
+        ce = F.cross_entropy(exit_logits(model, batch, n)[mask].detach(), targets, ignore_index=common.IGNORE_INDEX)
+        assert metrics[f"exit{n}/ce"] == pytest.approx(ce.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(archs.ARCHS))
+@torch.no_grad()
+def test_every_architectures_early_exit_decoding_is_greedy_and_exact_past_the_sliding_window(arch, arch_model, one_thread):
+    _, model, tok = arch_model(arch)
+    examples, _ = common.load_sft_data(os.path.join(common.WORLD_DIR, "data", "math", "test.jsonl"), tok, 512, split="test", limit=1)
+    prompt = torch.tensor(tok.apply_chat_template(examples[0]["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False))
+    new = 24  # the prompt alone is past the 16-token windows, and 24 tokens more
+    assert len(prompt) > 16
+    sorted_ft.check_exits(model, [1, 2], prompt)  # the start-up guard lets every one of them train
+    greedy = lambda: common.decode(model, prompt[None], torch.ones_like(prompt)[None], new, torch.tensor([-1]))[0].tolist()
+    full, depths, work = sorted_ft.early_exit_decode(model, prompt, {1: 2.0}, new, set())
+    assert full == greedy() and depths == [2] * new and work == 2 * (len(prompt) + new - 1)
+    first, depths, _ = sorted_ft.early_exit_decode(model, prompt, {1: 0.0}, new, set())
+    with sorted_ft.truncated(model, 1):
+        assert first == greedy() and depths == [1] * new
+    # a threshold between two of exit 1's confidences along the greedy answer: some tokens leave early, some go deeper
+    ids, probs = prompt.tolist(), []
+    for token in full:
+        with sorted_ft.truncated(model, 1):
+            probs.append(model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1).max().item())
+        ids.append(token)
+    probs = sorted(probs)
+    thresholds = {1: (probs[new // 2 - 1] + probs[new // 2]) / 2}
+    out, depths, _ = sorted_ft.early_exit_decode(model, prompt, thresholds, new, set())
+    assert (out, depths) == slow_early_exit(model, prompt.tolist(), thresholds, new, set())
+    assert set(depths) == {1, 2}  # the catch-up of block 2 (over the sliding window) was exercised
+
+
+def test_layouts_the_exits_cannot_read_are_refused_at_start_up(arch_model, one_thread, monkeypatch):
+    path, _, _ = arch_model("gpt2")
+    model, ids = transformers.AutoModelForCausalLM.from_pretrained(path).eval(), torch.arange(4, 40)
+    sorted_ft.check_exits(model, [1, 2], ids)  # GPT-2's layout (h, ln_f) is read
+    decoder = model.get_decoder()
+    decoder.norm = torch.nn.LayerNorm(64)  # a `norm` the decoder never applies: exit 1 would be read wrongly
+    torch.nn.init.constant_(decoder.norm.weight, 2.0)
+    with pytest.raises(common.UsageError, match="exit 1 as the loss reads it .* differs from the model truncated to 1 blocks"):
+        sorted_ft.check_exits(model, [1, 2], ids)
+    del decoder.norm
+    decoder.final_norm = decoder.ln_f
+    del decoder.ln_f
+    with pytest.raises(common.UsageError, match=r"GPT2Model has no final norm \(one of norm, ln_f"):
+        sorted_ft.check_exits(model, [1, 2], ids)
+    decoder.ln_f = decoder.final_norm
+    sorted_ft.check_exits(model, [1, 2], ids)
+    monkeypatch.setattr(sorted_ft.Resume, "forward", lambda self, *args, **kwargs: 2 * self.hidden)  # a wrong decoder
+    with pytest.raises(common.UsageError, match="does not reproduce greedy decoding .* --early_exit_prompts 0"):
+        sorted_ft.check_exits(model, [1, 2], ids)
+    sorted_ft.check_exits(model, [1, 2], ids, decoding=False)  # training without the early-exit test is still fine
 
 
 def test_script_logs_the_optimised_mean_saves_a_plain_model_and_last_exit_only_is_sft(tmp_path):
