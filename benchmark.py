@@ -1,7 +1,9 @@
 """Benchmarks: ratios measured side by side in one run (never timed tests).
 
     python benchmark.py loss     # fused loss vs naive / torch's chunked F.linear_cross_entropy / Cut Cross-Entropy
-    python benchmark.py train    # sft.py tokens/s vs TRL SFTTrainer, same model, data and batch
+    python benchmark.py train    # sft.py vs TRL SFTTrainer: peak memory and tokens/s, fp32 and bf16, checkpointing off/on
+    python benchmark.py train --device cuda --layers 24   # on a GPU, adding TRL with use_liger_kernel=True
+    python benchmark.py train --scale world --steps 40 --warmup 5 --batch_size 16   # the embedded world's model
     python benchmark.py loss --shapes 2048x256x32000 --reps 3
     python benchmark.py generate # common.generate batched vs one prompt at a time, and the judges' cost per sample
     python benchmark.py objectives  # step time of DFT / ASFT / OTR / DRIFT / SoFT relative to sft.py on the same batch
@@ -10,7 +12,17 @@ Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_thre
 median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
 RSS high-water mark during one measured call (reset through /proc/self/clear_refs) minus the RSS before it, so
 it counts everything the call allocates, including the gradients dX and dW ("floor" = their bytes).
-Optional peers, installed only for this script: `pip install cut-cross-entropy trl`.
+Train: a model with Qwen2.5-0.5B's width and vocabulary (H 896, 14 heads, 2 KV heads, V 151,936, tied) but
+--layers decoder layers, random init, saved with the embedded world's tokenizer (2,044 tokens: the ids stay below
+2,044, the head still scores 151,936 logits per token); samples of exactly --max_length tokens (a math question,
+then a response of chained worked problems, truncated by both trainers), so there is no padding. sft.py and TRL
+SFTTrainer each run in a fresh subprocess per (precision, gradient checkpointing), same batch, max length, lr,
+steps and optimizer (torch AdamW, not fused, betas (0.9, 0.95)); TRL otherwise with its defaults (its own chunked
+LM head, completion-only loss, no packing, padding to the longest, use_liger_kernel off; bf16 = `bf16=True` over
+fp32 weights). Peak memory on CPU = the process's peak RSS (ru_maxrss) at the last step minus its RSS once the
+model is loaded and resident; on CUDA the allocator's peak minus the allocation once the model is on the GPU.
+tokens/s = input tokens of the steps after --warmup over their step-end to step-end time.
+Optional peers, installed only for this script: `pip install cut-cross-entropy trl` (and `liger-kernel` on a GPU).
 """
 import argparse
 import json
@@ -99,40 +111,131 @@ def bench_loss(args):
         print(flush=True)
 
 
-def sft_tokens_per_s(out, args):
-    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--output_dir", out, "--steps", str(args.steps),
-           "--batch_size", str(args.batch_size), "--eval_datasets", "", "--save_every", "0"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f if '"loss"' in line]
-    steady = steps[args.warmup:]
-    dt = steady[-1]["time"] - steps[args.warmup - 1]["time"]  # step-end times, as TRL's callback measures
-    return {"tokens_per_s": sum(r["tokens"] for r in steady) / dt, "wall_s": dt}
+# Qwen2.5-0.5B's width and vocabulary (its config.json), with --layers decoder layers, randomly initialised
+QWEN_WIDTH = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                  vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                  max_position_embeddings=32768)
 
 
-def trl_tokens_per_s(out, args, gradient_checkpointing):
-    """TRL SFTTrainer on the same model, data (as chat messages, completion-only loss) and batch size."""
+# one Qwen2 decoder layer at that width: q, k, v (with biases), o, gate, up, down, two norms
+LAYER_PARAMS = 896 * 896 * 2 + 896 * 128 * 2 + 896 + 128 * 2 + 896 * 4864 * 3 + 896 * 2
+
+
+def build_train_setup(directory, args):
+    """A Qwen2.5-0.5B-width model (fp32, random init, --layers layers) saved with the embedded world's tokenizer,
+    and samples of exactly --max_length tokens. The tokenizer has 2,044 tokens, so every input id and label lies
+    below 2,044, but the LM head still scores all 151,936 entries: the vocabulary, not the ids, costs the memory.
+    Each sample is one math question as the prompt and a response chaining the world's worked math problems until
+    it passes --max_length, so both trainers truncate it to exactly --max_length tokens: no padding, same tokens."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    sys.path.insert(0, ROOT)
+    import common
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
+    config = Qwen2Config(**QWEN_WIDTH, num_hidden_layers=args.layers, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, dtype="float32")
+    torch.manual_seed(0)
+    model_dir = os.path.join(directory, "model")
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = common.read_records(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl"))
+    samples, i = [], 0
+    for _ in range(max(64, args.batch_size * args.steps)):
+        prompt, response = rows[i]["question"], rows[i]["answer"]
+        while len(tokenizer(response)["input_ids"]) < args.max_length:
+            i = (i + 1) % len(rows)
+            response += "\n\n" + rows[i]["question"] + "\n" + rows[i]["answer"]
+        samples.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]})
+        i = (i + 1) % len(rows)
+    data = os.path.join(directory, "train.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    return model_dir, data
+
+
+def resident_gib(model, device):
+    """Memory once the model is loaded: safetensors weights are mapped from the file and only become resident when
+    read, so read every parameter first (no write; training reads them all in its first step anyway)."""
+    for p in model.parameters():
+        p.detach().sum()
+    return memory_gib(device, peak=False)
+
+
+def memory_gib(device, peak):
+    """CPU: the peak RSS (ru_maxrss) or the current RSS; CUDA: the allocator's peak or current allocation."""
+    import torch
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
+    if peak:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return rss_mib("VmRSS") / 1024
+
+
+def sft_worker(spec):
+    """Runs inside a fresh subprocess: sft.py's own main() on the spec, measured from outside its code (the RSS
+    when common.load_model returns; time, tokens and peak memory at each step's log record)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import common
+    import sft
+    torch.set_num_threads(spec["threads"])
+    loaded, steps = [], []
+    load_model, log = common.load_model, common.MetricsLogger.log
+
+    def timed_load(*a, **k):
+        out = load_model(*a, **k)
+        loaded.append(resident_gib(out[0], spec["device"]))
+        return out
+
+    def timed_log(self, record):
+        if "loss" in record and "step" in record:
+            steps.append({"time": time.perf_counter(), "tokens": record["tokens"], "loss": record["loss"],
+                          "peak_gib": memory_gib(spec["device"], peak=True)})
+        log(self, record)
+    common.load_model, common.MetricsLogger.log = timed_load, timed_log
+    argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_datasets", "", "--save_every", "0",
+            "--output_dir", spec["out"], "--steps", str(spec["steps"]), "--batch_size", str(spec["batch_size"]),
+            "--max_length", str(spec["max_length"]), "--lr", str(spec["lr"]), "--dtype", spec["dtype"],
+            "--device", spec["device"], "--gradient_checkpointing", str(spec["gradient_checkpointing"])]
+    sys.argv = ["sft.py", *argv]
+    sft.main(common.parse_args(sft.Args))
+    return loaded[0], steps
+
+
+def trl_worker(spec):
+    """Runs inside a fresh subprocess: TRL SFTTrainer with its defaults (its own fused LM head, completion-only
+    loss on prompt/completion data, no packing, padding to the longest) except where sft.py's run is matched:
+    batch, max_length, lr, steps, fp32 or bf16 autocast over fp32 weights, gradient checkpointing, and the same
+    optimizer (torch AdamW, not fused, betas (0.9, 0.95); TRL's default would be the fused AdamW, betas (0.9, 0.999))."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
     sys.path.insert(0, ROOT)
     import common
-    torch.set_num_threads(args.threads)
-    rows = [common.to_example(r, "")["messages"] for r in common.read_records(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl"))]
+    torch.set_num_threads(spec["threads"])
+    rows = [common.to_example(r, "")["messages"] for r in common.read_records(spec["data"])]
     data = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
-    marks, counted = [], []
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    loaded = [] if spec["device"] == "cuda" else [resident_gib(model, "cpu")]  # CUDA: once on the device
+    steps, counted = [], []
 
     class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            marks.append(time.perf_counter())
+        def on_train_begin(self, *a, **k):
+            if not loaded:
+                loaded.append(memory_gib(spec["device"], peak=False))
 
-    config = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-3,
-                       logging_steps=1000, save_strategy="no", report_to=[], gradient_checkpointing=gradient_checkpointing,
-                       use_cpu=True, bf16=False, dataloader_num_workers=0,  # fp32 like sft.py (TRL defaults to bf16 autocast)
-                       max_length=512, seed=0, disable_tqdm=True)
+        def on_step_end(self, *a, **k):
+            steps.append({"time": time.perf_counter(), "tokens": counted[len(steps)],
+                          "peak_gib": memory_gib(spec["device"], peak=True)})
+
+    config = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
+                       learning_rate=spec["lr"], optim="adamw_torch", adam_beta2=0.95, logging_steps=1000,
+                       save_strategy="no", report_to=[], gradient_checkpointing=spec["gradient_checkpointing"],
+                       use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", max_length=spec["max_length"],
+                       use_liger_kernel=spec["liger"], seed=0, disable_tqdm=True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Clock()])
     collate = trainer.data_collator
 
@@ -141,30 +244,79 @@ def trl_tokens_per_s(out, args, gradient_checkpointing):
         counted.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
         return batch
     trainer.data_collator = counting
-    trainer.train()
-    k = args.warmup
-    return {"tokens_per_s": sum(counted[k:len(marks)]) / (marks[-1] - marks[k - 1]), "wall_s": marks[-1] - marks[k - 1]}
+    steps[-1]["mean_loss"] = trainer.train().training_loss  # TRL's mean over the run
+    return loaded[0], steps
+
+
+def train_worker(spec):
+    loaded, steps = (trl_worker if spec["trainer"] == "trl" else sft_worker)(spec)
+    k = spec["warmup"]
+    dt = steps[-1]["time"] - steps[k - 1]["time"]  # step-end to step-end, the same clock for both trainers
+    mean_loss = steps[-1].get("mean_loss") or statistics.mean(s["loss"] for s in steps)
+    print(json.dumps({"tokens_per_s": sum(s["tokens"] for s in steps[k:]) / dt, "step_s": dt / (len(steps) - k),
+                      "loaded_gib": loaded, "peak_gib": steps[-1]["peak_gib"], "peak_over_loaded_gib": steps[-1]["peak_gib"] - loaded,
+                      "peak_by_step_gib": [round(s["peak_gib"], 2) for s in steps], "tokens_per_step": steps[-1]["tokens"],
+                      "mean_loss": mean_loss}))
 
 
 def bench_train(args):
+    """Each (trainer, precision, gradient checkpointing) in a fresh subprocess, the same model, data and settings."""
+    cuda = args.device == "cuda"
+    runs = [(trainer, dtype, gc) for dtype in args.dtypes for gc in args.checkpointing
+            for trainer in ("sft", "trl") + (("liger",) if cuda else ())]
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ours = sft_tokens_per_s(os.path.join(tmp, "ours"), args)
-        print(f"sft.py: {ours}", flush=True)
-        rows = [("sft.py (this repo)", ours["tokens_per_s"])]
-        for gc in (True, False):
-            try:
-                r = trl_tokens_per_s(os.path.join(tmp, f"trl{gc}"), args, gc)
-            except ImportError as err:
-                print(f"TRL not installed ({err}); pip install trl")
-                break
-            print(f"TRL gradient_checkpointing={gc}: {r}", flush=True)
-            rows.append((f"TRL SFTTrainer (gradient_checkpointing={gc})", r["tokens_per_s"]))
-    print(f"\nTraining throughput, embedded world, batch {args.batch_size}, steps {args.warmup + 1}-{args.steps}, "
-          f"{args.threads} threads (tokens = non-padding input tokens)")
-    print("| trainer | tokens/s | sft.py / this |")
-    print("|---|---|---|")
-    for name, tps in rows:
-        print(f"| {name} | {tps:.0f} | {rows[0][1] / tps:.2f}x |")
+        if args.scale == "qwen":
+            model, data = build_train_setup(tmp, args)
+        else:
+            model, data = os.path.join(ROOT, "world", "base"), os.path.join(ROOT, "world", "data", "math", "train.jsonl")
+        for trainer, dtype, gc in runs:
+            spec = {"trainer": "sft" if trainer == "sft" else "trl", "liger": trainer == "liger", "model": model,
+                    "data": data, "out": os.path.join(tmp, f"{trainer}_{dtype}_{gc}"), "steps": args.steps,
+                    "warmup": args.warmup, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
+                    "dtype": dtype, "gradient_checkpointing": gc == "on", "device": args.device, "threads": args.threads}
+            proc = subprocess.run([sys.executable, __file__, "_train_worker", json.dumps(spec)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"  {trainer} {dtype} checkpointing {gc}: failed:\n{proc.stderr.strip()[-3000:]}", flush=True)
+                continue
+            results[trainer, dtype, gc] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {trainer} {dtype} checkpointing {gc}: {results[trainer, dtype, gc]}", flush=True)
+    shape = (f"Qwen2.5-0.5B width and vocabulary (H 896, V 151,936, tied), {args.layers} layers, random init"
+             if args.scale == "qwen" else "embedded world base (3M Llama, V 2,044)")
+    where = f"{args.threads} CPU threads" if not cuda else "CUDA"
+    memory = ("peak = CUDA allocator peak minus the allocation once the model is on the GPU" if cuda else
+              "peak = process peak RSS (ru_maxrss) at the last step minus the RSS once the model is loaded and resident; "
+              "whole-process peak RSS in parentheses")
+    print(f"\nsft.py vs TRL SFTTrainer: {shape}; batch {args.batch_size} x {args.max_length} tokens, lr {args.lr}, "
+          f"steps {args.warmup + 1}-{args.steps} timed; {where}; {memory}; ratios ours / TRL")
+    if args.scale == "qwen":
+        params = QWEN_WIDTH["vocab_size"] * 896 + args.layers * LAYER_PARAMS + 896  # tied head, final norm
+        print(f"{params / 1e6:.0f}M parameters: their gradients + AdamW state alone are {params * 12 / 2**30:.2f} GiB "
+              "of every peak below")
+    header = "| precision | gradient checkpointing | sft.py peak (GiB) | TRL peak (GiB) | memory ours / TRL |"
+    header += " sft.py tokens/s | TRL tokens/s | speed ours / TRL |"
+    if cuda:
+        header += " TRL + Liger peak (GiB) | memory ours / Liger | TRL + Liger tokens/s | speed ours / Liger |"
+    print(header)
+    print("|" + "---|" * header.count(" |"))
+    label = {"float32": "fp32", "bfloat16": "bf16 autocast, fp32 master weights"}
+    for dtype in args.dtypes:
+        for gc in args.checkpointing:
+            ours = results.get(("sft", dtype, gc))
+            cells = [label[dtype], gc]
+            peers = ("trl", "liger") if cuda else ("trl",)
+            mem = lambda r: "-" if r is None else f"{r['peak_over_loaded_gib']:.2f}" + ("" if cuda else f" ({r['peak_gib']:.2f})")
+            ratio = lambda a, b, key: "-" if a is None or b is None else f"{a[key] / b[key]:.2f}x"
+            for peer in peers:
+                theirs = results.get((peer, dtype, gc))
+                if peer == "trl":
+                    cells += [mem(ours), mem(theirs), ratio(ours, theirs, "peak_over_loaded_gib")]
+                    cells += ["-" if ours is None else f"{ours['tokens_per_s']:.0f}",
+                              "-" if theirs is None else f"{theirs['tokens_per_s']:.0f}", ratio(ours, theirs, "tokens_per_s")]
+                else:
+                    cells += [mem(theirs), ratio(ours, theirs, "peak_over_loaded_gib"),
+                              "-" if theirs is None else f"{theirs['tokens_per_s']:.0f}", ratio(ours, theirs, "tokens_per_s")]
+            print("| " + " | ".join(cells) + " |")
 
 
 def bench_generate(args):
@@ -327,20 +479,32 @@ if __name__ == "__main__":
         impl, n, h, v, reps, threads = sys.argv[2:8]
         loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads))
         sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "_train_worker":
+        train_worker(json.loads(sys.argv[2]))
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["loss", "train", "generate", "objectives"])
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40, help="train: optimizer steps per trainer")
-    parser.add_argument("--warmup", type=int, default=5, help="train: steps excluded from the rate")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4, help="train: optimizer steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="train: steps excluded from the rate")
+    parser.add_argument("--batch_size", type=int, default=None, help="samples per step (train: 8, objectives: 16)")
+    parser.add_argument("--max_length", type=int, default=512, help="train: tokens per sample")
+    parser.add_argument("--layers", type=int, default=2, help="train: decoder layers of the Qwen2.5-0.5B-width model")
+    parser.add_argument("--lr", type=float, default=1e-4, help="train: peak learning rate of both trainers")
+    parser.add_argument("--scale", choices=["qwen", "world"], default="qwen",
+                        help="train: Qwen2.5-0.5B width and vocabulary, or the embedded world's model and math data")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="train: float32 and/or bfloat16")
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], help="train: gradient checkpointing off/on")
     parser.add_argument("--prompts", type=int, default=256, help="generate: prompts per task, batched")
     parser.add_argument("--one_at_a_time", type=int, default=32, help="generate: prompts per task, one at a time")
     parser.add_argument("--gen_batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--loss_shape", default="512x896x151936", help="objectives: NxHxV of the loss-alone timing")
-    parser.add_argument("--device", default="cpu", help="objectives: cpu | cuda")
+    parser.add_argument("--device", default="cpu", help="objectives, train: cpu | cuda (train on cuda adds TRL + Liger)")
     a = parser.parse_args()
+    if a.batch_size is None:
+        a.batch_size = 8 if a.what == "train" else 16
     {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives}[a.what](a)
