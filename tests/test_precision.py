@@ -179,7 +179,8 @@ def script_flags(script, tmp_path):
                   "--gen_max_new_tokens", "1", "--cache_dir", str(tmp_path / "cache")]
     if script == "fait.py":
         flags += ["--dataset", subset(os.path.join(WORLD, "data", "code", "train.jsonl"), tmp_path / "code64.jsonl", 64),
-                  "--num_samples", "1", "--gen_max_new_tokens", "48", "--cache_dir", str(tmp_path / "cache")]
+                  "--variant_prompts", "corrupt", "--num_samples", "1", "--gen_max_new_tokens", "8",
+                  "--cache_dir", str(tmp_path / "cache")]  # cheap variants: the training path is what counts here
     if script == "otr.py":
         flags += ["--samples", "32"]
     if script == "drift.py":
