@@ -19,9 +19,12 @@ then a response of chained worked problems, truncated by both trainers), so ther
 SFTTrainer each run in a fresh subprocess per (precision, gradient checkpointing), same batch, max length, lr,
 steps and optimizer (torch AdamW, not fused, betas (0.9, 0.95)); TRL otherwise with its defaults (its own chunked
 LM head, completion-only loss, no packing, padding to the longest, use_liger_kernel off; bf16 = `bf16=True` over
-fp32 weights). Peak memory on CPU = the process's peak RSS (ru_maxrss) at the last step minus its RSS once the
-model is loaded and resident; on CUDA the allocator's peak minus the allocation once the model is on the GPU.
-tokens/s = input tokens of the steps after --warmup over their step-end to step-end time.
+fp32 weights). On CUDA a third trainer: TRL with `use_liger_kernel=True`, which in TRL 1.16 patches Liger's layer
+kernels but keeps TRL's own LM head (not Liger's fused linear cross-entropy). Peak memory on CPU = the process's
+peak RSS (ru_maxrss) at the last step minus its RSS once the model is loaded and resident; on CUDA the allocator's
+peak minus the allocation once the model is on the GPU. tokens/s = input tokens of the steps after --warmup over
+their step-end to step-end time; on CPU also per CPU-second of the process (all its threads), a ratio a busy
+shared machine disturbs less than wall time.
 Optional peers, installed only for this script: `pip install cut-cross-entropy trl` (and `liger-kernel` on a GPU).
 """
 import argparse
@@ -190,8 +193,8 @@ def sft_worker(spec):
 
     def timed_log(self, record):
         if "loss" in record and "step" in record:
-            steps.append({"time": time.perf_counter(), "tokens": record["tokens"], "loss": record["loss"],
-                          "peak_gib": memory_gib(spec["device"], peak=True)})
+            steps.append({"time": time.perf_counter(), "cpu": time.process_time(), "tokens": record["tokens"],
+                          "loss": record["loss"], "peak_gib": memory_gib(spec["device"], peak=True)})
         log(self, record)
     common.load_model, common.MetricsLogger.log = timed_load, timed_log
     argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_datasets", "", "--save_every", "0",
@@ -228,7 +231,7 @@ def trl_worker(spec):
                 loaded.append(memory_gib(spec["device"], peak=False))
 
         def on_step_end(self, *a, **k):
-            steps.append({"time": time.perf_counter(), "tokens": counted[len(steps)],
+            steps.append({"time": time.perf_counter(), "cpu": time.process_time(), "tokens": counted[len(steps)],
                           "peak_gib": memory_gib(spec["device"], peak=True)})
 
     config = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
@@ -252,10 +255,13 @@ def train_worker(spec):
     loaded, steps = (trl_worker if spec["trainer"] == "trl" else sft_worker)(spec)
     k = spec["warmup"]
     dt = steps[-1]["time"] - steps[k - 1]["time"]  # step-end to step-end, the same clock for both trainers
+    cpu = steps[-1]["cpu"] - steps[k - 1]["cpu"]  # CPU seconds of all the process's threads: less hit by a busy box
+    tokens = sum(s["tokens"] for s in steps[k:])
     mean_loss = steps[-1].get("mean_loss") or statistics.mean(s["loss"] for s in steps)
-    print(json.dumps({"tokens_per_s": sum(s["tokens"] for s in steps[k:]) / dt, "step_s": dt / (len(steps) - k),
+    print(json.dumps({"tokens_per_s": tokens / dt, "tokens_per_cpu_s": tokens / cpu, "step_s": dt / (len(steps) - k),
                       "loaded_gib": loaded, "peak_gib": steps[-1]["peak_gib"], "peak_over_loaded_gib": steps[-1]["peak_gib"] - loaded,
                       "peak_by_step_gib": [round(s["peak_gib"], 2) for s in steps], "tokens_per_step": steps[-1]["tokens"],
+                      "step_end_s": [round(s["time"] - steps[0]["time"], 1) for s in steps],
                       "mean_loss": mean_loss}))
 
 
@@ -287,36 +293,38 @@ def bench_train(args):
     memory = ("peak = CUDA allocator peak minus the allocation once the model is on the GPU" if cuda else
               "peak = process peak RSS (ru_maxrss) at the last step minus the RSS once the model is loaded and resident; "
               "whole-process peak RSS in parentheses")
-    print(f"\nsft.py vs TRL SFTTrainer: {shape}; batch {args.batch_size} x {args.max_length} tokens, lr {args.lr}, "
+    print(f"\nsft.py vs TRL SFTTrainer: {shape}; batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, "
           f"steps {args.warmup + 1}-{args.steps} timed; {where}; {memory}; ratios ours / TRL")
     if args.scale == "qwen":
         params = QWEN_WIDTH["vocab_size"] * 896 + args.layers * LAYER_PARAMS + 896  # tied head, final norm
         print(f"{params / 1e6:.0f}M parameters: their gradients + AdamW state alone are {params * 12 / 2**30:.2f} GiB "
               "of every peak below")
-    header = "| precision | gradient checkpointing | sft.py peak (GiB) | TRL peak (GiB) | memory ours / TRL |"
-    header += " sft.py tokens/s | TRL tokens/s | speed ours / TRL |"
-    if cuda:
-        header += " TRL + Liger peak (GiB) | memory ours / Liger | TRL + Liger tokens/s | speed ours / Liger |"
-    print(header)
-    print("|" + "---|" * header.count(" |"))
+    peers = {"trl": "TRL", **({"liger": "TRL + Liger"} if cuda else {})}
+
+    def mem(r):
+        return "-" if r is None else f"{r['peak_over_loaded_gib']:.2f}" + ("" if cuda else f" ({r['peak_gib']:.2f})")
+
+    def ratio(a, b, key):
+        if a is None or b is None:
+            return "-"
+        whole = "" if cuda or key != "peak_over_loaded_gib" else f" ({a['peak_gib'] / b['peak_gib']:.2f}x)"
+        return f"{a[key] / b[key]:.2f}x{whole}"
+    columns = {"sft.py peak (GiB)": lambda c: mem(c["sft"])}
+    columns.update({f"{name} peak (GiB)": lambda c, p=p: mem(c[p]) for p, name in peers.items()})
+    columns.update({f"memory ours / {name}": lambda c, p=p: ratio(c["sft"], c[p], "peak_over_loaded_gib") for p, name in peers.items()})
+    columns["sft.py tokens/s"] = lambda c: "-" if c["sft"] is None else f"{c['sft']['tokens_per_s']:.0f}"
+    columns.update({f"{name} tokens/s": lambda c, p=p: "-" if c[p] is None else f"{c[p]['tokens_per_s']:.0f}" for p, name in peers.items()})
+    columns.update({f"speed ours / {name}": lambda c, p=p: ratio(c["sft"], c[p], "tokens_per_s") for p, name in peers.items()})
+    if not cuda:
+        columns.update({f"speed ours / {name}, CPU time": lambda c, p=p: ratio(c["sft"], c[p], "tokens_per_cpu_s")
+                        for p, name in peers.items()})
+    print("| precision | gradient checkpointing | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     label = {"float32": "fp32", "bfloat16": "bf16 autocast, fp32 master weights"}
     for dtype in args.dtypes:
         for gc in args.checkpointing:
-            ours = results.get(("sft", dtype, gc))
-            cells = [label[dtype], gc]
-            peers = ("trl", "liger") if cuda else ("trl",)
-            mem = lambda r: "-" if r is None else f"{r['peak_over_loaded_gib']:.2f}" + ("" if cuda else f" ({r['peak_gib']:.2f})")
-            ratio = lambda a, b, key: "-" if a is None or b is None else f"{a[key] / b[key]:.2f}x"
-            for peer in peers:
-                theirs = results.get((peer, dtype, gc))
-                if peer == "trl":
-                    cells += [mem(ours), mem(theirs), ratio(ours, theirs, "peak_over_loaded_gib")]
-                    cells += ["-" if ours is None else f"{ours['tokens_per_s']:.0f}",
-                              "-" if theirs is None else f"{theirs['tokens_per_s']:.0f}", ratio(ours, theirs, "tokens_per_s")]
-                else:
-                    cells += [mem(theirs), ratio(ours, theirs, "peak_over_loaded_gib"),
-                              "-" if theirs is None else f"{theirs['tokens_per_s']:.0f}", ratio(ours, theirs, "tokens_per_s")]
-            print("| " + " | ".join(cells) + " |")
+            cell = {t: results.get((t, dtype, gc)) for t in ("sft", *peers)}
+            print(f"| {label[dtype]} | {gc} | " + " | ".join(f(cell) for f in columns.values()) + " |")
 
 
 def bench_generate(args):
