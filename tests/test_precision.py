@@ -229,8 +229,11 @@ def test_bf16_mixed_precision_trains_like_float32(tmp_path, script):
         run_script(script, tmp_path / "surgery", *RECIPE, *flags, "--steps", "0", "--eval_before", "false")
         start = tmp_path / "surgery" / "final"
     changed = weights_changed(tmp_path / "bfloat16" / "final", start)
+    reference = weights_changed(tmp_path / "float32" / "final", start)
     print(f"\n{script}: held-out loss drop float32 {drops['float32']:.4f}, bfloat16 {drops['bfloat16']:.4f} "
-          f"({drops['bfloat16'] / drops['float32']:.0%}), weights changed in bf16 {changed:.1%}")
+          f"({drops['bfloat16'] / drops['float32']:.0%}), weights changed float32 {reference:.1%}, bf16 {changed:.1%}")
     assert drops["float32"] > 0.01, drops
     assert drops["bfloat16"] >= 0.8 * drops["float32"], drops
-    assert changed > 0.99, changed
+    # > 99% of what float32 changes: 100% of the weights, except RoSTE's untied embeddings, whose rows of tokens
+    # absent from the 320 training samples get no gradient in either precision
+    assert changed > 0.99 * reference and reference > 0.8, (changed, reference)
