@@ -54,7 +54,10 @@ def parse_args(args_class):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     for f in dataclasses.fields(args_class):
         f.metadata = types.MappingProxyType({**f.metadata, "help": docs.get(f.name, "").replace("%", "%%")})
-    return HfArgumentParser(args_class).parse_args_into_dataclasses()[0]
+    args = HfArgumentParser(args_class).parse_args_into_dataclasses()[0]
+    if getattr(args, "save_dtype", "") and args.save_dtype not in DTYPES:  # checked now, not after training
+        raise UsageError(f"--save_dtype must be empty or one of {sorted(DTYPES)}, got {args.save_dtype!r}")
+    return args
 
 
 def setup_distributed(device: str = "auto", dtype: str = "float32") -> Runtime:

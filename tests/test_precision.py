@@ -121,6 +121,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_float16_and_unknown_dtypes_are_refused_before_anything_is_written(tmp_path):
+    proc = run_script("sft.py", tmp_path / "save", "--save_dtype", "bf16", "--steps", "1", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --save_dtype must be empty or one of")
+    assert not os.path.exists(tmp_path / "save")
     for dtype in ("float16", "int8"):
         proc = run_script("sft.py", tmp_path / dtype, "--dtype", dtype, "--steps", "1", check=False)
         last = proc.stderr.strip().splitlines()[-1]
