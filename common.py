@@ -23,6 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import sandbox
+from sandbox import judge_code, run_sandboxed  # noqa: F401  (common.judge_code, common.run_sandboxed)
+
 IGNORE_INDEX = -100
 
 
@@ -383,6 +386,8 @@ def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "trun
             examples.append(ex)
     if not examples:
         raise UsageError(f"{source}: no usable samples ({stats})")
+    if any(ex["task"] == "code" for ex in examples):
+        require_sandbox(source)  # refused here, before anything is written, where the jail is incomplete
     return examples, stats
 
 
@@ -680,105 +685,22 @@ def judge_exact(response: str, reference) -> tuple:
     return ok, "exact match" if ok else "mismatch"
 
 
-# Runs first inside the sandboxed interpreter (python -I -S): limits, no network, no privileges, an audit hook.
-_SANDBOX_PRELUDE = r'''
-import ctypes, os, resource, sys
-limits = {"CPU": (%(cpu)d, %(cpu)d), "AS": (%(mem)d, %(mem)d), "FSIZE": (%(fsize)d, %(fsize)d), "NOFILE": (64, 64), "CORE": (0, 0)}
-for name, value in limits.items():
-    resource.setrlimit(getattr(resource, "RLIMIT_" + name), value)
-try:  # a network namespace with no interfaces (root, or unprivileged user namespaces)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-        libc.unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET
-except Exception:
-    pass
-def others_can_read(path):
-    while path != "/":
-        if os.stat(path).st_mode & 0o005 != 0o005:
-            return False
-        path = os.path.dirname(path)
-    return True
-if os.getuid() == 0 and others_can_read(os.path.dirname(os.__file__)):
-    # nobody cannot signal the parent or read its /proc, and RLIMIT_NPROC binds it (root ignores it)
-    os.setgroups([]); os.setgid(65534); os.setuid(65534)
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-HOME = os.path.realpath(os.getcwd())
-BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.fork", "os.forkpty", "os.kill",
-           "os.killpg", "signal.pthread_kill", "ctypes.", "os.putenv", "os.unsetenv", "pty.")
-MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "socket", "_socket", "multiprocessing",
-           "_multiprocessing", "pty", "asyncio"}
-def guard(event, args):
-    if event == "import" and args[0].split(".")[0] in MODULES:
-        raise PermissionError("sandbox: import " + args[0] + " is not allowed")
-    if event.startswith(BLOCKED):
-        raise PermissionError("sandbox: " + event + " is not allowed")
-    if event in ("open", "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.symlink", "shutil.rmtree") and args:
-        path = args[0]
-        if isinstance(path, int):
-            return
-        path = os.path.realpath(os.fsdecode(path))
-        writing = event != "open" or (len(args) > 1 and isinstance(args[1], str) and any(c in args[1] for c in "wax+"))
-        writing = writing or (event == "open" and len(args) > 2 and isinstance(args[2], int) and args[2] & 3)
-        if path.startswith("/proc/") and not path.startswith("/proc/self/"):
-            raise PermissionError("sandbox: reading " + path + " is not allowed")
-        if writing and not path.startswith(HOME + os.sep):
-            raise PermissionError("sandbox: writing outside the working directory is not allowed")
-sys.addaudithook(guard)
-del ctypes, libc, limits, guard, others_can_read
-source = open("candidate.py").read()
-exec(compile(source, "candidate.py", "exec"), {"__name__": "__main__"})
-'''
+# Model-written code runs only in sandbox.py's jail (namespaces, read-only view, nobody, harness verdict).
+SANDBOX = {}  # the jail's layers, once probed in this process; MetricsLogger adds them to the config record
 
 
-def run_sandboxed(code: str, timeout: float = 5.0, memory_mb: int = 512, output_limit: int = 1 << 20) -> tuple:
-    """Run untrusted Python code; returns (passed, reason). Passed = exit status 0 within the limits.
-
-    Containment: a fresh `python -I -S` in its own session and an empty temporary working directory, an
-    environment with nothing but PATH, wall-clock timeout and CPU-time, address-space, file-size, open-file
-    and process-count (0) limits, a network namespace without interfaces where the kernel allows one,
-    uid nobody when started as root (if nobody can read the standard library; otherwise the audit hook is
-    the guard against forking), an audit hook refusing sockets, subprocesses, forks, signals, ctypes,
-    other processes' /proc and writes outside the working directory; stdout/stderr go to size-limited
-    files; the whole process group is killed at the end. Only the standard library is importable."""
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="sandbox-") as work:
-        os.chmod(work, 0o777)
-        with open(os.path.join(work, "candidate.py"), "w") as f:
-            f.write(code)
-        prelude = _SANDBOX_PRELUDE % {"cpu": int(math.ceil(timeout)) + 1, "mem": memory_mb << 20, "fsize": output_limit}
-        out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", prelude], cwd=work, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
-            try:
-                status, reason = proc.wait(timeout=timeout), None
-            except subprocess.TimeoutExpired:
-                status, reason = None, f"timeout after {timeout:g}s"
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        with open(err_path, "rb") as f:
-            tail = f.read()[-2000:].decode(errors="replace").strip().splitlines()
-    if reason:
-        return False, reason
-    if status == 0:
-        return True, "all tests passed"
-    if status < 0:
-        return False, f"killed by signal {signal.Signals(-status).name}"
-    return False, tail[-1] if tail else f"exit status {status}"
-
-
-def judge_code(response: str, reference) -> tuple:
-    """(passed, reason): the response's code (a ```python block if present) run with the tests in the sandbox."""
-    blocks = re.findall(r"```(?:python)?\n(.*?)```", response, re.S)
-    code = blocks[0] if blocks else response
-    return run_sandboxed(code + "\n\n" + "\n".join(reference))
+def require_sandbox(where: str) -> dict:
+    """Before any model code runs (data with code tasks): the jail's layers, printed once per process; a one-line
+    UsageError where the kernel refuses a layer and HF_ALLOW_CODE_EVAL=1 is not set."""
+    if not SANDBOX:
+        try:
+            found = sandbox.allowed()
+        except sandbox.IsolationUnavailable as err:
+            raise UsageError(f"{where}: {err}") from None
+        SANDBOX.update(layers=sorted(found["layers"].values()), missing=found["missing"])
+        print(f"sandbox: {'; '.join(SANDBOX['layers'])}" + (f" | MISSING: {'; '.join(SANDBOX['missing'])} (HF_ALLOW_CODE_EVAL=1)"
+              if SANDBOX["missing"] else ""), flush=True)
+    return SANDBOX
 
 
 JUDGES = {"math": judge_math, "exact": judge_exact, "rc": judge_rc, "code": judge_code}
@@ -960,10 +882,8 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
                        os.path.join(tmp, "trainer_state.pt"))
     if dist.is_initialized():
         dist.barrier()
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if optimizer is not None:
-        torch.save(rng, os.path.join(tmp, f"rng_rank{rt.rank}.pt"))
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rt.rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
     if rt.is_main:
@@ -974,6 +894,36 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
         shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def rng_state() -> dict:
+    """This process's torch, numpy, Python (and CUDA) generators as tensors and numbers only, so that
+    `torch.load(weights_only=True)` restores them without unpickling anything."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}}
+
+
+def set_rng_state(rng: dict):
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def load_tensors(path: str, what: str) -> dict:
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, never a pickled object."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError (a forbidden global), a truncated zip, random bytes
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{path}: cannot be loaded as {what} without running code or is corrupt ({reason})") from None
 
 
 def checkpoint_steps(output_dir: str) -> list:
@@ -1003,7 +953,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=Fa
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             weights.update(load_file(os.path.join(path, name)))
-    saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    saved = load_tensors(os.path.join(path, "trainer_state.pt"), "a trainer state")
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=saved["optimizer"],
@@ -1014,12 +964,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=Fa
     scheduler.load_state_dict(saved["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{rt.rank}.pt")
     if os.path.isfile(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        set_rng_state(load_tensors(rng_file, "random-generator states"))
     return saved["state"]
 
 
@@ -1045,6 +990,8 @@ class MetricsLogger:
         if not self.rt.is_main:
             return
         record = {"time": round(time.time() - self.start, 3), **record}
+        if record.get("event") == "config" and SANDBOX:
+            record["sandbox"] = SANDBOX  # which layers guarded the model-written code of this run
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if record.get("event") == "config":

@@ -349,7 +349,7 @@ def main(args):
     settings = {k: getattr(args, k) for k in ("variant_prompts", "corrupt_template", "num_samples", "min_similarity",
                                               "gen_temperature", "gen_max_new_tokens", "gen_seed", "dtype")}
     key = common.content_hash(teacher, [[ex["messages"], ex["reference"]] for ex in train], settings,
-                              common.generate, common.decode, common.judge_code, common.run_sandboxed, find_variants,
+                              common.generate, common.decode, common.judge_code, common.run_sandboxed, common.sandbox.LAUNCHER, find_variants,
                               choose_variant)
     cache = os.path.join(args.cache_dir, f"fait_variants-{key[:16]}.jsonl")
     timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "judged": 0, "cached": os.path.isfile(cache), "file": cache}

@@ -246,7 +246,8 @@ def main(args):
     settings = {k: getattr(args, k) for k in ("gen_max_new_tokens", "gen_temperature", "own_answers", "rewrite_template",
                                               "leak_filter", "gen_seed", "dtype")}
     key = common.content_hash(model, [[ex["messages"], ex["task"], ex["reference"]] for ex in train], settings,
-                              common.generate, common.decode, *common.JUDGES.values(), select_targets, rebuild)
+                              common.generate, common.decode, *common.JUDGES.values(), common.sandbox.LAUNCHER,
+                              select_targets, rebuild)
     cache = os.path.join(args.cache_dir, f"s3ft_data-{key[:16]}.jsonl")
     timing = {"generate_s": 0.0, "judge_s": 0.0, "generated": 0, "cached": os.path.isfile(cache), "file": cache}
     if timing["cached"]:

@@ -144,3 +144,27 @@ def test_fsdp2_evaluation_with_uneven_shards_matches_one_process(tmp_path):
     scores = lambda out: [{k: v for k, v in r.items() if k.endswith("accuracy")} for r in records(out) if "event" in r
                           and r["event"].startswith("eval")]
     assert scores(tmp_path / "fsdp") == scores(tmp_path / "one") and len(scores(tmp_path / "one")) == 2
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["trainer_state.pt", "rng_rank0.pt"])
+def test_a_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, victim):
+    """--resume loads with weights_only=True (the RNG states are stored as tensors and numbers), so a checkpoint
+    carrying a pickled object gets one error line naming the file, and its command never runs."""
+    run(tmp_path / "run", "--steps", "3", "--save_every", "2")
+    checkpoint, marker = tmp_path / "run" / "checkpoint-2", tmp_path / "PICKLE_RAN"
+    state = torch.load(checkpoint / victim, weights_only=True)
+    state["extra"] = Payload(marker)
+    torch.save(state, checkpoint / victim)
+    proc = run(tmp_path / "resumed", "--steps", "3", "--resume", str(checkpoint), check=False)
+    assert proc.returncode != 0 and not marker.exists() and not (tmp_path / "resumed").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint / victim}: cannot be loaded"), proc.stderr
