@@ -31,6 +31,10 @@ IGNORE_INDEX = -100
 
 class UsageError(ValueError):
     """Bad input or flags: scripts print the message (naming the file, line, field or flag) and exit 2."""
+
+
+class TrainingError(UsageError):
+    """The run cannot go on correctly (a non-finite loss or gradient): one line, exit 2, nothing bad saved."""
 WORLD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world")
 
 
@@ -630,6 +634,18 @@ def normalized_loss(loss_sum: torch.Tensor, global_tokens: torch.Tensor, world_s
     return loss_sum * (world_size / global_tokens.clamp(min=1))
 
 
+def check_finite(loss_sum: torch.Tensor, grad_norm, step: int):
+    """Before the optimizer step: a non-finite loss or gradient norm on any rank stops the run with one line, so
+    the weights, the checkpoints and `final/` never see it. The flags are summed over ranks: all stop together."""
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss = loss_sum.detach().float().reshape(())
+    flags = all_reduce_sum(torch.stack([(~torch.isfinite(loss)).float(), (~torch.isfinite(norm.detach().float())).float()]))
+    if flags.sum().item() > 0:
+        raise TrainingError(f"step {step}: the loss ({loss.item():.4g}) or the gradient norm ({norm.item():.4g}) is not "
+                            f"finite; stopped before the optimizer step, nothing saved after step {step - 1} "
+                            f"(a lower --lr or --max_grad_norm may help)")
+
+
 # ============================================================ JUDGES AND EVALUATION
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
@@ -862,6 +878,9 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
     A training checkpoint keeps the fp32 master weights (exact resume); a final model (no optimizer) is saved in
     `save_dtype(model, dtype)`, the starting model's dtype unless --save_dtype says otherwise."""
     model_state, optim_state = _full_state(model, optimizer, fsdp)
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()] if rt.is_main else []
+    if all_reduce_sum(torch.tensor(float(len(bad)), device=rt.device)).item():  # every rank refuses together
+        raise TrainingError(f"{path}: not saved, non-finite weights in {len(bad)} tensors ({', '.join(bad[:3])})")
     target = save_dtype(model, dtype) if optimizer is None else None
     if target is not None and rt.is_main:
         model_state = {k: v.to(target) if v.is_floating_point() else v for k, v in model_state.items()}

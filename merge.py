@@ -24,6 +24,7 @@ Usage (after fine-tuning, e.g. `for s in 0 1 2; do python sft.py --seed $s --out
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -269,6 +270,8 @@ def merge(args, checkpoints, base, weights, out_state):
                 merged = theta0 + lines_scale(name, num_layers, args.alpha, beta) * sum(w * t for w, t in zip(weights, taus))
             else:
                 merged = task_arithmetic(theta0, taus, weights, args.scaling, normalize)
+        if not torch.isfinite(merged).all():
+            raise common.UsageError(f"{name}: the merged tensor is not finite (an input holds NaN or inf?); nothing saved")
         if name in out_state and tuple(out_state[name].shape) == tuple(merged.shape):
             out_state[name].copy_(merged.to(out_state[name].dtype))
         else:
@@ -348,9 +351,17 @@ def main(args):
         raise common.UsageError(f"--method slerp merges exactly 2 models, got {len(paths)}")
     if needs_base and not args.base:
         raise common.UsageError(f"--method {args.method} needs --base (the common pre-trained model)")
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(paths)
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(paths)
+    except ValueError:
+        raise common.UsageError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
     if len(weights) != len(paths):
         raise common.UsageError(f"--weights has {len(weights)} values for {len(paths)} models")
+    if not all(math.isfinite(w) for w in weights):
+        raise common.UsageError(f"--weights {args.weights!r}: every weight must be finite")
+    if abs(sum(weights)) < 1e-12 and (args.normalize == "true" or args.normalize == "auto" and args.method in ("linear", "uniform", "ties")):
+        raise common.UsageError(f"--weights {args.weights!r} sum to 0, and --method {args.method} divides by their sum "
+                                f"(--normalize false to add them unnormalised)")
     checkpoints = [Checkpoint(p, args.trust_remote_code) for p in paths]
     base = Checkpoint(args.base, args.trust_remote_code) if needs_base else None
     check_compatible(checkpoints + ([base] if base else []))

@@ -319,6 +319,7 @@ def main(args):
             loss_total += loss_sum.detach()
             padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
+        common.check_finite(loss_total, grad_norm, step + 1)  # a NaN or inf stops the run here
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()

@@ -168,3 +168,32 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, victim):
     proc = run(tmp_path / "resumed", "--steps", "3", "--resume", str(checkpoint), check=False)
     assert proc.returncode != 0 and not marker.exists() and not (tmp_path / "resumed").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint / victim}: cannot be loaded"), proc.stderr
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path):
+    """--lr 1e6: the gradient norm is NaN at step 2. The run stops before that optimizer step with one line naming
+    the step; checkpoint-1 (finite) survives the keep-2 pruning, and no NaN checkpoint or final/ is written."""
+    out = tmp_path / "out"
+    proc = run(out, "--lr", "1e6", "--steps", "10", "--save_every", "1", "--keep_checkpoints", "2", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("error: step ") and "not finite" in last, proc.stderr
+    step = int(last.split()[2].rstrip(":"))
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert step >= 2 and kept == [f"checkpoint-{s}" for s in range(max(1, step - 2), step)] and not (out / "final").exists()
+    for name in kept:
+        assert all(torch.isfinite(t).all() for t in weights(out / name).values())
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, step))
+
+
+def test_a_non_finite_model_is_never_saved(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import common
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(common.WORLD_DIR, "base"))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
+    with pytest.raises(common.TrainingError, match="not saved, non-finite weights in 1 tensors .model.norm.weight"):
+        common.save_checkpoint(str(tmp_path / "final"), model, tokenizer, rt)
+    assert not any(tmp_path.iterdir())
