@@ -30,11 +30,12 @@ IGNORE_INDEX = -100
 
 
 class UsageError(ValueError):
-    """Bad input or flags: scripts print the message (naming the file, line, field or flag) and exit 2."""
+    """Bad input or flags: scripts print `error: <message>` (naming the file, line, field or flag) and exit 1;
+    an unknown flag gets argparse's usage line and exit 2."""
 
 
 class TrainingError(UsageError):
-    """The run cannot go on correctly (a non-finite loss or gradient): one line, exit 2, nothing bad saved."""
+    """The run cannot go on correctly (a non-finite loss or gradient, a full disk): one line, exit 1, nothing bad saved."""
 WORLD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world")
 
 
@@ -49,6 +50,66 @@ class Runtime:
     dtype: torch.dtype = torch.float32  # compute dtype: bf16 = autocast over fp32 master weights (see `precision`)
 
 
+# What a checkpoint records of its run (parse_args fills it) and compares on --resume; these flags may differ.
+RUN_SETTINGS = {}
+RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "eval_datasets", "eval_samples",
+                     "eval_batch_size", "eval_every", "eval_before", "eval_split", "max_new_tokens", "compile", "device",
+                     "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir"}
+RUN_FILES = ("metrics.jsonl", "final")  # with checkpoint-N: what marks a directory as holding a run
+
+
+def prepare_output_dir(output_dir: str, resume: str, overwrite: bool, rt: "Runtime"):
+    """Before anything is loaded: the directory can be written, and a fresh run does not mix with another run's
+    checkpoints (refused unless --overwrite, which removes them). --resume continues what is there."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir!r} is a file")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir!r}: {parent!r} is not a writable directory")
+    if os.path.isdir(output_dir) and not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir!r} is not writable")
+    found = sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or re.fullmatch(r"checkpoint-\d+(\.tmp)?", n)) \
+        if os.path.isdir(output_dir) else []
+    if found and not resume:
+        if not overwrite:
+            raise UsageError(f"--output_dir {output_dir!r} holds another run ({', '.join(found[:4])}); continue it with "
+                             f"--resume auto, replace it with --overwrite true, or choose another --output_dir")
+        if rt.is_main:
+            for name in found:
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+# Flag ranges every script shares: (test, what the flag must be).
+FLAG_RULES = {
+    "batch_size": (lambda v: v >= 1, "at least 1"), "micro_batch_size": (lambda v: v >= 0, "0 (auto) or more"),
+    "steps": (lambda v: v >= 0, "0 or more"), "lr": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "keep_checkpoints": (lambda v: v >= 0, "0 (all) or more"),
+    "save_every": (lambda v: v >= 0, "0 (off) or more"), "eval_every": (lambda v: v >= 0, "0 (off) or more"),
+    "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "0 (off) or a finite positive number"),
+    "max_length": (lambda v: v >= 2, "at least 2"), "eval_samples": (lambda v: v >= 0, "0 (all) or more"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"), "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "finite, >= 0"),
+}
+
+
+def check_args(args):
+    """Every shared flag in range, and --device one that exists, before anything is loaded or written."""
+    for name, (ok, what) in FLAG_RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{name} must be {what}, got {value!r}")
+    device = getattr(args, "device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+
+
 def parse_args(args_class):
     """Parse the command line into a script's `Args` dataclass (HfArgumentParser), with each field's
     docstring (the string literal under it) as its --help text."""
@@ -61,7 +122,16 @@ def parse_args(args_class):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     for f in dataclasses.fields(args_class):
         f.metadata = types.MappingProxyType({**f.metadata, "help": docs.get(f.name, "").replace("%", "%%")})
-    args = HfArgumentParser(args_class).parse_args_into_dataclasses()[0]
+    parser = HfArgumentParser(args_class)
+    for action in parser._actions:  # HfArgumentParser gives --no_x the help of --x
+        if any(o.startswith("--no_") for o in action.option_strings):
+            action.help = f"turn off --{action.dest}"
+    args, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # the usage line and exit 2, as argparse does
+    check_args(args)
+    RUN_SETTINGS.clear()
+    RUN_SETTINGS.update({k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE})
     if getattr(args, "save_dtype", "") and args.save_dtype not in DTYPES:  # checked now, not after training
         raise UsageError(f"--save_dtype must be empty or one of {sorted(DTYPES)}, got {args.save_dtype!r}")
     return args
@@ -203,9 +273,10 @@ def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_cod
         source = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--model {path!r} could not be loaded as a local directory or hub id "
-                           f"(safetensors weights, config and tokenizer needed): {err}") from None
+    except Exception as err:  # OSError, ValueError, SafetensorError, the tokenizers' plain Exception
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise UsageError(f"--model {path!r} could not be loaded as a local directory or hub id (safetensors weights, "
+                         f"config and tokenizer needed): {type(err).__name__}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -285,13 +356,18 @@ def check_objective(model, batch, rt: Runtime, what: str = "--model", rows: int 
 
 # ============================================================ DATA
 def read_records(source: str, split: str = "train") -> list:
-    """Rows of a local .jsonl/.json/.parquet file, or of a hub dataset (`id` or `id:config`)."""
+    """Rows of a local .jsonl/.json/.csv/.parquet file (UTF-8), or of a hub dataset (`id` or `id:config`)."""
+    local = source.endswith((".jsonl", ".json", ".csv", ".parquet"))
+    if local and not os.path.isfile(source):
+        raise UsageError(f"{source}: no such file")
     if source.endswith(".jsonl"):
-        if not os.path.isfile(source):
-            raise UsageError(f"{source}: no such file")
         rows = []
-        with open(source) as f:
-            for line_no, line in enumerate(f, 1):
+        with open(source, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UsageError(f"{source}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
@@ -303,15 +379,24 @@ def read_records(source: str, split: str = "train") -> list:
                 rows.append(row)
         return rows
     if source.endswith(".json"):
-        with open(source) as f:
-            try:
+        try:
+            with open(source, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{source}:{err.lineno}: malformed JSON ({err.msg})") from None
-        return data["data"] if isinstance(data, dict) and "data" in data else data
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{source}: not UTF-8 (byte offset {err.start})") from None
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{source}:{err.lineno}: malformed JSON ({err.msg})") from None
+        data = data["data"] if isinstance(data, dict) and "data" in data else data
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise UsageError(f"{source}: expected a JSON list of objects (or {{\"data\": [...]}}), got "
+                             f"{type(data).__name__}" + (" of other things" if isinstance(data, list) else ""))
+        return data
     import datasets
-    if source.endswith(".parquet"):
-        return list(datasets.load_dataset("parquet", data_files=source, split="train"))
+    if source.endswith((".parquet", ".csv")):
+        try:
+            return list(datasets.load_dataset(source.rsplit(".", 1)[1], data_files=source, split="train"))
+        except Exception as err:  # the builders' parse errors (pyarrow, pandas) name no line
+            raise UsageError(f"{source}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     name, _, config = source.partition(":")
     return list(datasets.load_dataset(name, config or None, split=split))
 
@@ -326,30 +411,49 @@ SCHEMAS = {
 }
 
 
+def _text(row: dict, key: str, where: str) -> str:
+    if not isinstance(row[key], str):
+        raise UsageError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+    return row[key]
+
+
+def _texts(value, key: str, where: str) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{where}: field {key!r} must be a list of strings, got {type(value).__name__}")
+    return value
+
+
 def to_example(row: dict, where: str) -> dict:
-    """{"messages": [...ending with the assistant target], "task": judge name, "reference": for the judge}."""
+    """{"messages": [...ending with the assistant target], "task": judge name, "reference": for the judge}.
+    Every field the schema reads is type-checked: one error naming the file, line and field."""
     keys = set(row)
     if "messages" in keys:
         msgs = row["messages"]
-        if not msgs or msgs[-1].get("role") != "assistant":
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                  and isinstance(m.get("content"), str) for m in msgs):
+            raise UsageError(f"{where}: field 'messages' must be a list of {{\"role\": str, \"content\": str}} objects")
+        if not msgs or msgs[-1]["role"] != "assistant":
             raise UsageError(f"{where}: 'messages' must end with an assistant turn")
         return {"messages": msgs, "task": row.get("task", "exact"), "reference": row.get("reference", msgs[-1]["content"])}
     if {"question", "answer"} <= keys:
-        final = row["answer"].split("####")[-1].strip()
-        return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}],
-                "task": "math", "reference": final}
+        question, answer = _text(row, "question", where), _text(row, "answer", where)
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                "task": "math", "reference": answer.split("####")[-1].strip()}
     if {"text", "code", "test_list"} <= keys:
-        prompt = row["text"] + "\nYour code should pass these tests:\n" + "\n".join(row["test_list"])
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["code"]}],
-                "task": "code", "reference": row["test_list"]}
+        tests = _texts(row["test_list"], "test_list", where)
+        prompt = _text(row, "text", where) + "\nYour code should pass these tests:\n" + "\n".join(tests)
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "code", where)}],
+                "task": "code", "reference": tests}
     if {"context", "question", "answers"} <= keys:
-        texts = row["answers"]["text"]
-        prompt = f"{row['context']}\n\nQuestion: {row['question']}"
+        if not isinstance(row["answers"], dict) or "text" not in row["answers"]:
+            raise UsageError(f"{where}: field 'answers' must be an object with a 'text' list (the SQuAD schema)")
+        texts = _texts(row["answers"]["text"], "answers.text", where)
+        prompt = f"{_text(row, 'context', where)}\n\nQuestion: {_text(row, 'question', where)}"
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": texts[0] if texts else ""}],
                 "task": "rc", "reference": list(texts)}
     if {"prompt", "response"} <= keys or {"prompt", "completion"} <= keys:
-        response = row.get("response", row.get("completion"))
-        return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}],
+        response = _text(row, "response" if "response" in keys else "completion", where)
+        return {"messages": [{"role": "user", "content": _text(row, "prompt", where)}, {"role": "assistant", "content": response}],
                 "task": row.get("task", "exact"), "reference": row.get("reference", response)}
     expected = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in SCHEMAS.items())
     raise UsageError(f"{where}: unknown schema. Found fields {sorted(keys)}; expected one of [{expected}]")
@@ -877,6 +981,7 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
     directory and renamed into place, so a kill at any moment leaves either the old or the new one.
     A training checkpoint keeps the fp32 master weights (exact resume); a final model (no optimizer) is saved in
     `save_dtype(model, dtype)`, the starting model's dtype unless --save_dtype says otherwise."""
+    from safetensors import SafetensorError
     model_state, optim_state = _full_state(model, optimizer, fsdp)
     bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()] if rt.is_main else []
     if all_reduce_sum(torch.tensor(float(len(bad)), device=rt.device)).item():  # every rank refuses together
@@ -885,26 +990,35 @@ def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, sc
     if target is not None and rt.is_main:
         model_state = {k: v.to(target) if v.is_floating_point() else v for k, v in model_state.items()}
     tmp = f"{path}.tmp"
-    if rt.is_main:
+    try:
+        if rt.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+            if target is not None:  # save_pretrained records the parameters' dtype; the file's is `target`
+                with open(os.path.join(tmp, "config.json")) as f:
+                    config = json.load(f)
+                config["dtype"] = str(target).removeprefix("torch.")
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(config, f, indent=2, sort_keys=True)
+            tokenizer.save_pretrained(tmp)
+            if optimizer is not None:
+                torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "state": state},
+                           os.path.join(tmp, "trainer_state.pt"))
+    except (OSError, RuntimeError, SafetensorError) as err:  # a full disk: nothing half-written is left holding space
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        if target is not None:  # save_pretrained records the parameters' dtype; the file's is `target`
-            with open(os.path.join(tmp, "config.json")) as f:
-                config = json.load(f)
-            config["dtype"] = str(target).removeprefix("torch.")
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-        tokenizer.save_pretrained(tmp)
-        if optimizer is not None:
-            torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "state": state},
-                       os.path.join(tmp, "trainer_state.pt"))
+        raise TrainingError(f"{path}: could not be written ({str(err).splitlines()[0][:200]}); nothing was saved") from None
     if dist.is_initialized():
         dist.barrier()
     if optimizer is not None:
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rt.rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
+    if rt.is_main and optimizer is not None:  # written last: a checkpoint without it is incomplete
+        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            json.dump({"step": state.get("step"), "run": RUN_SETTINGS, "world_size": rt.world_size, "files": files}, f,
+                      indent=1, default=str)
     if rt.is_main:
         old = f"{path}.old"
         if os.path.exists(path):
@@ -945,10 +1059,13 @@ def load_tensors(path: str, what: str) -> dict:
         raise UsageError(f"{path}: cannot be loaded as {what} without running code or is corrupt ({reason})") from None
 
 
+COMPLETE = "checkpoint_complete.json"  # step, run settings and file sizes; written last
+
+
 def checkpoint_steps(output_dir: str) -> list:
-    """Steps of the complete checkpoints in output_dir, ascending (temporary directories excluded)."""
+    """Steps of the complete checkpoints in output_dir (those with their marker), ascending."""
     found = [re.fullmatch(r"checkpoint-(\d+)", d) for d in os.listdir(output_dir)] if os.path.isdir(output_dir) else []
-    return sorted(int(m.group(1)) for m in found if m)
+    return sorted(int(m.group(1)) for m in found if m and os.path.isfile(os.path.join(output_dir, m.group(0), COMPLETE)))
 
 
 def latest_checkpoint(output_dir: str):
@@ -964,23 +1081,62 @@ def prune_checkpoints(output_dir: str, keep: int, rt: Runtime):
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=False) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved loop state."""
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved loop state. Refused with one
+    line: an incomplete or truncated checkpoint, another run's (its recorded settings differ), a weight missing
+    (only tied ones may be) or foreign, a file that is corrupt or would run code when loaded."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+    marker = os.path.join(path, COMPLETE)
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
         raise UsageError(f"--resume {path!r}: not a training checkpoint (no trainer_state.pt)")
+    if not os.path.isfile(marker):
+        raise UsageError(f"--resume {path!r}: incomplete checkpoint (no {COMPLETE}, which is written last)")
+    try:
+        with open(marker) as f:
+            record = json.load(f)
+        sizes, settings = dict(record["files"]), dict(record["run"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{marker}: unreadable ({err})") from None
+    for name, size in sizes.items():
+        here = os.path.join(path, name)
+        if name.startswith("rng_rank") and name != f"rng_rank{rt.rank}.pt":
+            continue
+        if not os.path.isfile(here) or os.path.getsize(here) != size:
+            raise UsageError(f"{here}: missing or truncated ({os.path.getsize(here) if os.path.isfile(here) else 0} bytes, "
+                             f"the checkpoint recorded {size})")
+    changed = {k: (settings.get(k), v) for k, v in RUN_SETTINGS.items() if k in settings and settings[k] != v}
+    if changed:
+        raise UsageError(f"--resume {path!r}: the checkpoint's run had other settings: " +
+                         ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in sorted(changed.items())))
     weights = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
+        try:
             weights.update(load_file(os.path.join(path, name)))
+        except (SafetensorError, OSError) as err:
+            raise UsageError(f"{os.path.join(path, name)}: corrupt ({err})") from None
+    groups = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    expected = set(model.state_dict())
+    tied_ok = {n for names in groups.values() if any(m in weights for m in names) for n in names}
+    missing = sorted(expected - set(weights) - tied_ok)
+    unexpected = sorted(set(weights) - expected)
+    shapes = sorted(k for k in set(weights) & expected if tuple(weights[k].shape) != tuple(model.state_dict()[k].shape))
+    if missing or unexpected or shapes:
+        raise UsageError(f"--resume {path!r}: its weights are not this model's (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, other shapes {shapes[:3]})")
     saved = load_tensors(os.path.join(path, "trainer_state.pt"), "a trainer state")
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=saved["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        model.load_state_dict(weights, strict=False)  # tied weights are saved once
-        optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    try:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=saved["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            model.load_state_dict(weights, strict=False)  # strictness checked above: only tied copies are absent
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise UsageError(f"{os.path.join(path, 'trainer_state.pt')}: does not fit this run ({str(err)[:200]})") from None
     rng_file = os.path.join(path, f"rng_rank{rt.rank}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(load_tensors(rng_file, "random-generator states"))

@@ -45,6 +45,8 @@ class Args:
     """split of hub eval datasets"""
     output_dir: str = "runs/merge"
     """where the merged model (final/) and metrics.jsonl go"""
+    overwrite: bool = False
+    """replace what a previous merge left in output_dir (refused otherwise)"""
     seed: int = 0
     """seed of DARE's masks and of evaluation"""
     dtype: str = "float32"
@@ -188,12 +190,19 @@ class Checkpoint:
             if path.startswith((".", "/", "~")) or path.count("/") > 1:
                 raise common.UsageError(f"--models/--base {path!r}: no such directory")
             from huggingface_hub import snapshot_download
-            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model"])
+            try:
+                path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model"])
+            except Exception as err:  # offline, unknown id, a relative path that does not exist
+                raise common.UsageError(f"--models/--base {path!r}: no such directory, and it could not be fetched as a "
+                                        f"hub model ({type(err).__name__})") from None
         self.path = path
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise common.UsageError(f"{path}: no .safetensors files")
-        self.handles = {f: safe_open(os.path.join(path, f), "pt") for f in files}
+        try:
+            self.handles = {f: safe_open(os.path.join(path, f), "pt") for f in files}
+        except Exception as err:  # SafetensorError: a truncated or corrupt file
+            raise common.UsageError(f"{path}: a .safetensors file is corrupt ({str(err).splitlines()[0][:200]})") from None
         self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
         try:  # the config object: its attribute map reads GPT-2's n_layer as num_hidden_layers
             self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
@@ -334,6 +343,7 @@ def greedy_soup(scores: list, score_of_mean) -> tuple:
 def main(args):
     # COMMON: seed, device
     rt = common.setup_distributed(args.device)
+    common.prepare_output_dir(args.output_dir, "", args.overwrite, rt)  # before anything is loaded
     if rt.world_size > 1:
         raise common.UsageError("merge.py runs in one process (no torchrun)")
     common.seed_everything(args.seed)

@@ -76,6 +76,8 @@ class Args:
     """keep the newest N checkpoints (0 = all)"""
     resume: str = ""
     """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run, removing its checkpoints (refused otherwise)"""
     eval_samples: int = 100
     """prompts per eval dataset (0 = all)"""
     eval_before: bool = True
@@ -119,6 +121,7 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 def main(args):
     # COMMON: seed, distributed
     rt = common.setup_distributed(args.device, args.dtype)
+    common.prepare_output_dir(args.output_dir, args.resume, args.overwrite, rt)  # before anything is loaded
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer

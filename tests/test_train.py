@@ -165,6 +165,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, victim):
     state = torch.load(checkpoint / victim, weights_only=True)
     state["extra"] = Payload(marker)
     torch.save(state, checkpoint / victim)
+    set_recorded_size(checkpoint, victim)  # a crafted checkpoint would carry a matching marker
     proc = run(tmp_path / "resumed", "--steps", "3", "--resume", str(checkpoint), check=False)
     assert proc.returncode != 0 and not marker.exists() and not (tmp_path / "resumed").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint / victim}: cannot be loaded"), proc.stderr
@@ -197,3 +198,88 @@ def test_a_non_finite_model_is_never_saved(tmp_path):
     with pytest.raises(common.TrainingError, match="not saved, non-finite weights in 1 tensors .model.norm.weight"):
         common.save_checkpoint(str(tmp_path / "final"), model, tokenizer, rt)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    run(out, "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0")
+    return out
+
+
+def copy_checkpoint(checkpointed, tmp_path, step=2):
+    import shutil
+    target = tmp_path / f"checkpoint-{step}"
+    shutil.copytree(checkpointed / f"checkpoint-{step}", target)
+    return target
+
+
+def set_recorded_size(checkpoint, name):
+    import json
+    marker = checkpoint / "checkpoint_complete.json"
+    record = json.loads(marker.read_text())
+    record["files"][name] = (checkpoint / name).stat().st_size
+    marker.write_text(json.dumps(record))
+
+
+def damage(case, checkpoint):
+    """Each of the audit's silent wrong resumes, made on a copy of a good checkpoint."""
+    from safetensors.torch import save_file
+    st = checkpoint / "model.safetensors"
+    if case == "no model.safetensors":
+        st.unlink()
+    elif case == "truncated trainer_state.pt":
+        data = (checkpoint / "trainer_state.pt").read_bytes()
+        (checkpoint / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    elif case == "another model's tensors":  # a subset of the names, marker updated to match
+        save_file({k: v for k, v in weights(checkpoint).items() if ".layers.3." not in k}, str(st))
+        set_recorded_size(checkpoint, "model.safetensors")
+    elif case == "a foreign tensor":
+        save_file({**weights(checkpoint), "extra.weight": torch.zeros(2)}, str(st))
+        set_recorded_size(checkpoint, "model.safetensors")
+    elif case == "no completeness marker":
+        (checkpoint / "checkpoint_complete.json").unlink()
+    elif case == "corrupt rng file":
+        (checkpoint / "rng_rank0.pt").write_bytes(b"garbage")
+        set_recorded_size(checkpoint, "rng_rank0.pt")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no model.safetensors", "model.safetensors: missing or truncated"),
+    ("truncated trainer_state.pt", "trainer_state.pt: missing or truncated"),
+    ("another model's tensors", "its weights are not this model's (missing ['model.layers.3."),
+    ("a foreign tensor", "unexpected ['extra.weight']"),
+    ("no completeness marker", "incomplete checkpoint (no checkpoint_complete.json"),
+    ("corrupt rng file", "rng_rank0.pt: cannot be loaded"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_refused(checkpointed, tmp_path, case, message):
+    checkpoint = copy_checkpoint(checkpointed, tmp_path)
+    damage(case, checkpoint)
+    proc = run(tmp_path / "out", "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0", "--resume", str(checkpoint),
+               check=False)
+    assert proc.returncode != 0 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_checks_the_run_settings_and_auto_skips_incomplete_checkpoints(checkpointed, tmp_path):
+    proc = run(tmp_path / "other", "--steps", "5", "--save_every", "2", "--lr", "5e-4", "--resume",
+               str(checkpointed / "checkpoint-2"), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "other settings: --lr 0.001 (now 0.0005)" in last, proc.stderr
+    out = tmp_path / "auto"
+    copy_checkpoint(checkpointed, out, 2)
+    damage("no completeness marker", copy_checkpoint(checkpointed, out, 4))  # the newest is incomplete
+    proc = run(out, "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0", "--resume", "auto")
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stdout
+    assert_same_weights(checkpointed / "final", out / "final", atol=0)
+
+
+def test_a_fresh_run_into_another_runs_directory_is_refused_unless_overwrite(checkpointed, tmp_path):
+    import shutil
+    out = tmp_path / "reused"
+    shutil.copytree(checkpointed, out)
+    proc = run(out, "--steps", "3", check=False)
+    assert proc.returncode != 0 and "holds another run (checkpoint-2, checkpoint-4, final, metrics.jsonl)" in proc.stderr
+    run(out, "--steps", "3", "--save_every", "0", "--overwrite", "true")
+    assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl"]
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
