@@ -208,7 +208,8 @@ def wrap_model(model, loss_fn, rt: Runtime, fsdp: bool = False, gradient_checkpo
         return module
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        mixed = rt.dtype != torch.float32  # bf16: bf16 copies, fp32 reduction; else the parameters' own dtype
+        policy = MixedPrecisionPolicy(param_dtype=rt.dtype if mixed else None, reduce_dtype=torch.float32 if mixed else None)
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=policy)
         return fully_shard(module, mp_policy=policy)
