@@ -60,7 +60,7 @@ def problems(page: Path) -> list:
         span = "\n".join(source[first - 1:last])
         names = NAME.findall(label)
         if names and names[0] not in source[first - 1]:
-            found.append(f"{where}: `{names[0]}` is not on line {first} (`{source[first - 1].strip()}`)")
+            found.append(f"{where}: `{names[0]}` is not on line {first} (`{source[first - 1].strip()}`; python docs/relink.py docs/*.md re-points the links)")
         for name in names[1:]:
             if name not in span:
                 found.append(f"{where}: `{name}` is not within lines {first}-{last}")
