@@ -1,5 +1,6 @@
 """sft.py end to end in subprocesses: golden losses, split/process invariance, resume, round trip, bad flags."""
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -295,3 +296,17 @@ def test_a_fresh_run_into_another_runs_directory_is_refused_unless_overwrite(che
     run(out, "--steps", "3", "--save_every", "0", "--overwrite", "true")
     assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl"]
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"), reason="needs root for a private tmpfs")
+def test_a_full_disk_is_one_error_line_and_leaves_no_temporary_checkpoint(tmp_path):
+    """A 6 MiB tmpfs (in a private mount namespace) holds no 12 MiB checkpoint: one error line naming it, and the
+    half-written checkpoint-1.tmp is removed so the space is free again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=6m tmpfs {disk} && {sys.executable} sft.py --output_dir {disk}/run "
+              f"{shlex.join(QUICK)} --steps 2 --save_every 1; echo rc=$?; ls -a {disk}/run")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "rc=1" in proc.stdout and len(errors) == 1 and f"{disk}/run/checkpoint-1: could not be written" in errors[0], proc.stderr
+    assert proc.stdout.split("rc=1")[1].split() == [".", "..", "metrics.jsonl"]
