@@ -238,7 +238,10 @@ def check_compatible(checkpoints):
 
 def tokenizer_hash(path):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's plain Exception
+        raise common.UsageError(f"{path}: the tokenizer could not be loaded ({str(err).splitlines()[0][:200]})") from None
     return hashlib.sha256(json.dumps([sorted(tok.get_vocab().items()), tok.all_special_tokens]).encode()).hexdigest()
 
 
@@ -422,8 +425,8 @@ def main(args):
     # COMMON: evaluate and save (the whole directory appears at once, or not at all)
     model.config.merge = {"method": args.method, "models": paths, "base": args.base, "weights": weights}
     final = evaluate(model, tokenizer, eval_sets, rt, args)
-    logger.log({"event": "eval_after", **final, "peak_memory_gib": common.peak_memory_gib(rt.device)})
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt)
+    logger.log({"event": "eval_after", **final, "peak_memory_gib": common.peak_memory_gib(rt.device)})
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
 
 

@@ -56,6 +56,8 @@ CASES = [  # (name, script, flags, message in the error line); DATA files by nam
     ("merge --weights 1,nan", "merge.py", ["--models", "BASE,BASE", "--weights", "1,nan"], "every weight must be finite"),
     ("merge --weights 1,-1", "merge.py", ["--models", "BASE,BASE", "--weights", "1,-1"], "sum to 0"),
     ("merge, a missing relative path", "merge.py", ["--models", "BASE,runs_nope/final"], "'runs_nope/final': no such directory"),
+    ("merge, corrupt tokenizer.json", "merge.py", ["--models", "BASE,MODEL_BAD_TOKENIZER"], "bad_tokenizer: the tokenizer could not be loaded"),
+    ("merge into a previous merge", "merge.py", ["--models", "BASE,BASE", "--output_dir", "A_RUN"], "holds another run (final, metrics.jsonl)"),
     ("merge, truncated safetensors", "merge.py", ["--models", "BASE,MODEL_TRUNCATED"], "a .safetensors file is corrupt"),
 ]
 
@@ -74,8 +76,10 @@ def fixtures(tmp_path_factory):
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[:1000])
     (d / "a_file").write_text("x")
+    (d / "a_run" / "final").mkdir(parents=True)
+    (d / "a_run" / "metrics.jsonl").write_text("")
     return {"MODEL_BAD_TOKENIZER": str(bad_tok), "MODEL_TRUNCATED": str(truncated), "A_FILE": str(d / "a_file"),
-            "BASE": BASE, "dir": d}
+            "A_RUN": str(d / "a_run"), "BASE": BASE, "dir": d}
 
 
 def run_in_process(script, argv, monkeypatch):
@@ -90,13 +94,23 @@ def run_in_process(script, argv, monkeypatch):
 def test_bad_input_gets_one_error_line_and_writes_nothing(name, script, flags, message, fixtures, tmp_path, monkeypatch):
     d = fixtures["dir"]
     flags = [os.path.join(d, f) if f in DATA else fixtures.get(f, f) for f in flags]
-    for key in ("MODEL_BAD_TOKENIZER", "MODEL_TRUNCATED", "A_FILE", "BASE"):
+    for key in ("MODEL_BAD_TOKENIZER", "MODEL_TRUNCATED", "A_FILE", "A_RUN", "BASE"):
         flags = [f.replace(key, fixtures[key]) for f in flags]
     if "--output_dir" not in flags:
         flags += ["--output_dir", str(tmp_path / "out")]
     code = run_in_process(script, (FAST if script != "merge.py" else ["--eval_datasets", ""]) + flags, monkeypatch)
     assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code and message in code, code
-    assert not (tmp_path / "out").exists() and sorted(os.listdir(d)) == sorted([*DATA, "bad_tokenizer", "truncated", "a_file"])
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(d)) == sorted([*DATA, "bad_tokenizer", "truncated", "a_file", "a_run"])
+    assert sorted(os.listdir(fixtures["A_RUN"])) == ["final", "metrics.jsonl"] and not os.listdir(os.path.join(fixtures["A_RUN"], "final"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"), reason="needs root for a private tmpfs")
+def test_a_read_only_output_filesystem_is_refused_before_loading(tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    script = f"mount -t tmpfs -o ro,size=1m tmpfs {disk} && {sys.executable} sft.py --output_dir {disk}/run"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr == f"error: --output_dir '{disk}/run': '{disk}' is not a writable directory\n"
 
 
 def test_exit_statuses_unknown_flags_and_help(tmp_path):
