@@ -44,14 +44,16 @@ def test_schemas_mask_everything_but_the_response(tmp_path, tokenizer, schema):
     assert ex["task"] == {"gsm8k": "math", "mbpp": "code", "squad": "rc"}.get(schema, "exact")
 
 
-def test_parquet_and_json_load_like_jsonl(tmp_path, tokenizer):
+def test_parquet_csv_and_json_load_like_jsonl(tmp_path, tokenizer):
     import datasets
     rows = [ROWS["gsm8k"]] * 3
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"), index=False)
     (tmp_path / "d.json").write_text(json.dumps(rows))
     a = common.load_sft_data(str(tmp_path / "d.parquet"), tokenizer, 512)[0]
     b = common.load_sft_data(str(tmp_path / "d.json"), tokenizer, 512)[0]
-    assert [e["input_ids"] for e in a] == [e["input_ids"] for e in b] and len(a) == 3
+    c = common.load_sft_data(str(tmp_path / "d.csv"), tokenizer, 512)[0]
+    assert [e["input_ids"] for e in a] == [e["input_ids"] for e in b] == [e["input_ids"] for e in c] and len(a) == 3
 
 
 def test_malformed_line_names_file_and_line(tmp_path, tokenizer):
