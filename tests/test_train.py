@@ -170,16 +170,16 @@ class Payload:
 
 
 @pytest.mark.parametrize("victim", ["trainer_state.pt", "rng_rank0.pt"])
-def test_a_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, victim):
+def test_a_pickle_in_a_checkpoint_is_refused_and_runs_nothing(checkpointed, tmp_path, victim):
     """--resume loads with weights_only=True (the RNG states are stored as tensors and numbers), so a checkpoint
     carrying a pickled object gets one error line naming the file, and its command never runs."""
-    run(tmp_path / "run", "--steps", "3", "--save_every", "2")
-    checkpoint, marker = tmp_path / "run" / "checkpoint-2", tmp_path / "PICKLE_RAN"
+    checkpoint, marker = copy_checkpoint(checkpointed, tmp_path), tmp_path / "PICKLE_RAN"
     state = torch.load(checkpoint / victim, weights_only=True)
     state["extra"] = Payload(marker)
     torch.save(state, checkpoint / victim)
     set_recorded_size(checkpoint, victim)  # a crafted checkpoint would carry a matching marker
-    proc = run(tmp_path / "resumed", "--steps", "3", "--resume", str(checkpoint), check=False)
+    proc = run(tmp_path / "resumed", "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0", "--resume",
+               str(checkpoint), check=False)
     assert proc.returncode != 0 and not marker.exists() and not (tmp_path / "resumed").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint / victim}: cannot be loaded"), proc.stderr
 
