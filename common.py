@@ -54,7 +54,7 @@ class Runtime:
 RUN_SETTINGS = {}
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "eval_datasets", "eval_samples",
                      "eval_batch_size", "eval_every", "eval_before", "eval_split", "max_new_tokens", "compile", "device",
-                     "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir"}
+                     "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir", "fsdp", "chunk_size"}
 RUN_FILES = ("metrics.jsonl", "final")  # with checkpoint-N: what marks a directory as holding a run
 
 

@@ -183,8 +183,8 @@ def suite_runs(suite: str, root: str) -> list:
 def execute(run: Run, log_dir: str) -> float:
     """Run one script to completion (resuming its checkpoint if any); returns the wall time in seconds."""
     command = [sys.executable, os.path.join(HERE, run.script), *run.args, "--output_dir", run.dir]
-    if run.script != "merge.py":
-        command += ["--resume", "auto"]
+    # a killed training run continues its checkpoint; a killed merge is recomputed whole (finished runs are skipped)
+    command += ["--resume", "auto"] if run.script != "merge.py" else ["--overwrite", "true"]
     os.makedirs(log_dir, exist_ok=True)
     log = os.path.join(log_dir, f"{run.name}_s{run.seed}.log")
     t0 = time.time()

@@ -182,5 +182,6 @@ CODE=(--dataset "$MBPP_TRAIN" --eval_datasets "$CODE_EVALS" --eval_split test --
       --max_new_tokens "$NEW_TOKENS" --eval_samples 0 --eval_batch_size 64 --save_every 0 --resume auto
       --device "$DEVICE" --compile "$COMPILE")
 # merge.py's evaluation (one process, no training flags): the same sets and decoding as the training runs.
-MERGE_EVAL=(--eval_datasets "$MATH_EVALS" --eval_split test --dtype bfloat16 --max_length 1024
+# --overwrite true: an unfinished merge (launch skips finished ones) is recomputed whole.
+MERGE_EVAL=(--overwrite true --eval_datasets "$MATH_EVALS" --eval_split test --dtype bfloat16 --max_length 1024
             --max_new_tokens "$NEW_TOKENS" --eval_samples 0 --eval_batch_size 64 --device "$DEVICE")
