@@ -6,8 +6,9 @@ Rectification", https://arxiv.org/abs/2508.05629.
 
 Method:
   DFT scales each response token's cross-entropy by that token's detached probability: -sg[p(y_t)] log p(y_t).
-  ASFT adds an anchor: lambda * KL(pi_ref || pi_theta) over the full vocabulary at every response position,
-  pi_ref the frozen starting model; both are per-chunk objectives of the shared fused loss (no full logits).
+  ASFT adds an anchor: lambda * KL(pi_theta || pi_ref) (the paper's Eq. 6; --kl_direction code: KL(pi_ref || pi_theta),
+  the official code's) over the full vocabulary at every response position, pi_ref the frozen starting model;
+  both are per-chunk objectives of the shared fused loss (no full logits).
 
 Usage:
     python asft.py                                  # ASFT (lambda 0.05) on the embedded world, sft.py's budget
@@ -99,7 +100,9 @@ class Args:
     mode: str = "asft"
     """sft | dft | sft+kl | asft: the token weight (1 or sg[p(y)]) and whether the KL anchor is on"""
     kl_weight: float = 0.05
-    """lambda, weight of KL(pi_ref || pi_theta) per response token: 0.05 in the paper; the official code's default is 0.1, its README suggests 0.03 in bf16"""
+    """lambda, weight of the KL anchor per response token: 0.05 in the paper; the official code's default is 0.1 (a verl recipe uses 0.03 in bf16)"""
+    kl_direction: str = "paper"
+    """paper: KL(pi_theta || pi_ref), as the v1 paper's Eq. 6 and Sec. 5.3 write it | code: KL(pi_ref || pi_theta), as the official train_v2.py computes it"""
     ref_model: str = ""
     """frozen reference pi_ref of the anchor (same vocabulary as --model); empty = --model, the starting weights"""
 
@@ -119,16 +122,20 @@ def dft_objective(logits, labels, weights):
     return -weights * logp.exp().detach() * logp, logp
 
 
-def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft, ref_scale=None, ref_softcap=None):
-    """ASFT per-token loss (Zhu et al. 2025): l_t = -w_t log p_t + lambda * KL(pi_ref(.|s_t) || pi_theta(.|s_t)).
+def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft, theta_first=None, ref_scale=None,
+                   ref_softcap=None):
+    """ASFT per-token loss (Zhu et al. 2025): l_t = -w_t log p_t + lambda * KL_t, over the full vocabulary.
 
     logits = z_t [C, V] of pi_theta; ref_hidden [C, H_ref] and ref_head [V, H_ref] give the reference's logits
     for the same chunk (formed here, never for all tokens); kl_weight = lambda (0-d tensor); dft (0-d) = 1 for
-    w_t = sg[p_t] (ASFT), 0 for w_t = 1 (sft+kl). KL = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)), the
-    paper's direction (forward, mode-covering), over the full vocabulary, both sides in fp32. ref_scale and
-    ref_softcap (0-d) are the reference's own logit post-processing (common.logit_map; softcap 0 = none): the
-    policy's is applied to `logits` by the fused loss before this call.
-    Logit gradient: w_t (softmax(z) - e_y) + lambda (pi_theta - pi_ref). Returns (loss, log p_t, KL_t)."""
+    w_t = sg[p_t] (ASFT), 0 for w_t = 1 (sft+kl). theta_first (0-d) picks the direction:
+      1: KL_t = KL(pi_theta || pi_ref) = sum_v p(v) (log p(v) - log r(v)), the v1 paper's Eq. 6 and Sec. 5.3
+         (--kl_direction paper); logit gradient of the anchor lambda p (log p - log r - KL_t);
+      0 or None: KL_t = KL(pi_ref || pi_theta) = sum_v r(v) (log r(v) - log p(v)), the official train_v2.py
+         (--kl_direction code); logit gradient lambda (p - r).
+    Both sides in fp32. ref_scale and ref_softcap (0-d) are the reference's own logit post-processing
+    (common.logit_map; softcap 0 = none): the policy's is applied to `logits` by the fused loss before this call.
+    Returns (loss, log p_t, KL_t)."""
     logp_all = logits.log_softmax(-1)
     logp = common.label_logit(logp_all, labels)
     ref_logits = (ref_hidden @ ref_head.t()).to(logits.dtype)
@@ -137,7 +144,11 @@ def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft
         cap = ref_softcap.clamp(min=1e-6)
         ref_logits = torch.where(ref_softcap > 0, cap * torch.tanh(ref_logits / cap), ref_logits)
     ref_logp = ref_logits.log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - logp_all)).sum(-1)
+    code = (ref_logp.exp() * (ref_logp - logp_all)).sum(-1)
+    if theta_first is None:
+        kl = code
+    else:
+        kl = torch.where(theta_first > 0, (logp_all.exp() * (logp_all - ref_logp)).sum(-1), code)
     w = torch.where(dft > 0, logp.exp().detach(), torch.ones_like(logp))
     return weights * (-w * logp + kl_weight * kl), logp, kl.detach()
 
@@ -179,7 +190,8 @@ def compute_loss(model, batch, args, reference=None):
             ref_hidden = ref_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         objective, inputs = asft_objective, (ref_hidden,)
         constants = (ref_head, torch.tensor(args.kl_weight, device=hidden.device),
-                     torch.tensor(float(args.mode == "asft"), device=hidden.device), *ref_map)
+                     torch.tensor(float(args.mode == "asft"), device=hidden.device),
+                     torch.tensor(float(args.kl_direction == "paper"), device=hidden.device), *ref_map)
     loss_sum, logp, *kl = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
                                                             objective=objective, token_inputs=inputs, constants=constants,
                                                             logit_map=common.logit_map(model),
@@ -214,6 +226,8 @@ def main(args):
         raise common.UsageError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     if args.kl_weight < 0:
         raise common.UsageError(f"--kl_weight must be >= 0, got {args.kl_weight}")
+    if args.kl_direction not in ("paper", "code"):
+        raise common.UsageError(f"--kl_direction must be paper or code, got {args.kl_direction!r}")
 
     # COMMON: seed, distributed
     rt = common.setup_distributed(args.device, args.dtype)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 set -euo pipefail
-# ASFT (Zhu et al. 2025, arXiv 2509.23753): DFT's loss plus lambda KL(pi_ref || pi_theta) to the frozen starting
-# model, lambda = 0.05 (the paper's; the official code defaults to 0.1, its README suggests 0.03 in bf16). Claim
+# ASFT (Zhu et al. 2025, arXiv 2509.23753): DFT's loss plus lambda KL(pi_theta || pi_ref) to the frozen starting
+# model (the paper's Eq. 6; --kl_direction code for the official code's KL(pi_ref || pi_theta)), lambda = 0.05 (the
+# paper's; the official code defaults to 0.1, a verl recipe uses 0.03 in bf16). Claim
 # (math on Qwen2.5-7B, 10k-100k NuminaMath-CoT): ASFT > DFT > SFT on the target (e.g. 30.50 vs 26.04 vs 19.15 at 100k)
 # with less forgetting than DFT thanks to the anchor. Here: SFT, DFT and ASFT on GSM8K with sft.sh's equal budget,
 # held-out MBPP, SQuAD and TriviaQA (the embedded world's one consistent effect was ASFT keeping code).

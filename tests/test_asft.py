@@ -31,11 +31,12 @@ def logit_grad(objective, z, *args):
     return loss.detach(), z.grad.clone()
 
 
-def asft_full(z, y, z_ref, kl_weight, dft=1.0):
+def asft_full(z, y, z_ref, kl_weight, dft=1.0, theta_first=0.0):
     """ASFT on full logits written out directly: identity head so asft_objective sees z_ref as its reference."""
     eye = torch.eye(z.shape[1], dtype=z.dtype)
     return asft.asft_objective(z, y, torch.ones(len(y), dtype=z.dtype), z_ref, eye,
-                               torch.tensor(kl_weight, dtype=z.dtype), torch.tensor(dft, dtype=z.dtype))
+                               torch.tensor(kl_weight, dtype=z.dtype), torch.tensor(dft, dtype=z.dtype),
+                               torch.tensor(theta_first, dtype=z.dtype))
 
 
 def test_dft_value_is_sft_times_its_probability():
@@ -80,13 +81,29 @@ def test_lambda_zero_is_dft():
         torch.testing.assert_close(x, r)
 
 
-def test_anchor_value_direction_and_gradient():
+def test_anchor_in_the_papers_direction_value_and_gradient():
+    """--kl_direction paper: KL(pi_theta || pi_ref) (Eq. 6), logit gradient lambda p (log p - log r - KL)."""
+    z, z_ref, y = make()
+    lam = 0.3
+    loss, grad = logit_grad(asft_full, z, y, z_ref, lam, 1.0, 1.0)
+    dft_loss, dft_grad = logit_grad(asft.dft_objective, z, y, torch.ones(len(y), dtype=z.dtype))
+    logp, logp_ref = z.detach().log_softmax(-1), z_ref.log_softmax(-1)
+    theta_first = (logp.exp() * (logp - logp_ref)).sum(-1)
+    ref_first = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+    torch.testing.assert_close(loss - dft_loss, lam * theta_first)
+    assert not torch.allclose(loss - dft_loss, lam * ref_first, rtol=1e-2) and (theta_first >= 0).all()
+    torch.testing.assert_close(grad - dft_grad, lam * logp.exp() * (logp - logp_ref - theta_first[:, None]))
+    torch.testing.assert_close(asft_full(z, y, z_ref, lam, 1.0, 1.0)[2], theta_first)
+
+
+def test_anchor_in_the_official_codes_direction_value_and_gradient():
+    """--kl_direction code: KL(pi_ref || pi_theta), as the official train_v2.py computes it."""
     z, z_ref, y = make()
     lam = 0.3
     loss, grad = logit_grad(asft_full, z, y, z_ref, lam)
     dft_loss, dft_grad = logit_grad(asft.dft_objective, z, y, torch.ones(len(y), dtype=z.dtype))
     logp, logp_ref = z.detach().log_softmax(-1), z_ref.log_softmax(-1)
-    forward = (logp_ref.exp() * (logp_ref - logp)).sum(-1)  # KL(pi_ref || pi_theta): the paper's direction
+    forward = (logp_ref.exp() * (logp_ref - logp)).sum(-1)  # KL(pi_ref || pi_theta): the official code's direction
     reverse = (logp.exp() * (logp - logp_ref)).sum(-1)
     kl = loss - dft_loss
     torch.testing.assert_close(kl, lam * forward)
@@ -116,7 +133,8 @@ def hidden_and_heads(n=150, h=24, v=97, seed=1):
 
 @pytest.mark.parametrize("mode", ["dft", "asft", "sft+kl"])
 @pytest.mark.parametrize("compile", [False, True])
-def test_chunked_fused_equals_full_logits(mode, compile):
+@pytest.mark.parametrize("theta_first", [0.0, 1.0], ids=["code direction", "paper direction"])
+def test_chunked_fused_equals_full_logits(mode, compile, theta_first):
     """The fused path (chunks of 32 rows, reference logits formed per chunk) vs the formulas on [N, V] logits,
     dX and dW included; ignored rows count for nothing."""
     x, w, x_ref, w_ref, y = hidden_and_heads()
@@ -126,7 +144,8 @@ def test_chunked_fused_equals_full_logits(mode, compile):
         fused = lambda: common.fused_linear_cross_entropy(x, w, y, objective=asft.dft_objective, chunk_size=32, compile=compile)
     else:
         fused = lambda: common.fused_linear_cross_entropy(x, w, y, objective=asft.asft_objective, token_inputs=(x_ref,),
-                                                          constants=(w_ref, lam, dft), chunk_size=32, compile=compile)
+                                                          constants=(w_ref, lam, dft, torch.tensor(theta_first)),
+                                                          chunk_size=32, compile=compile)
 
     def full():
         logp = (x @ w.t()).log_softmax(-1)[valid]
@@ -135,7 +154,8 @@ def test_chunked_fused_equals_full_logits(mode, compile):
         loss = -(weight * logp_y).sum()
         if mode != "dft":
             logp_ref = (x_ref @ w_ref.t()).log_softmax(-1)[valid]
-            loss = loss + lam * (logp_ref.exp() * (logp_ref - logp)).sum()
+            pair = (logp, logp_ref) if theta_first else (logp_ref, logp)
+            loss = loss + lam * (pair[0].exp() * (pair[0] - pair[1])).sum()
         return loss
 
     ours = [fused()[0]] + list(torch.autograd.grad(fused()[0], (x, w)))
@@ -198,6 +218,7 @@ def test_reference_with_another_vocabulary_is_refused(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--kl_weight", "-0.1"], "--kl_weight must be >= 0"),
+    (["--kl_direction", "reverse"], "--kl_direction must be paper or code"),
     (["--mode", "kl"], "--mode must be one of sft, dft, sft+kl, asft"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, flags, message):
