@@ -1070,7 +1070,12 @@ def checkpoint_steps(output_dir: str) -> list:
 
 
 def latest_checkpoint(output_dir: str):
+    """The newest complete checkpoint (--resume auto), None for none; refused when checkpoint-N folders exist but
+    none is complete (made by hand or by an older version): starting afresh beside them would be silent."""
     steps = checkpoint_steps(output_dir)
+    if not steps and os.path.isdir(output_dir) and any(re.fullmatch(r"checkpoint-\d+", d) for d in os.listdir(output_dir)):
+        raise UsageError(f"--resume auto: {output_dir!r} holds checkpoint folders but none is complete (no {COMPLETE}); "
+                         f"resume one by path to see why, or use --overwrite true without --resume")
     return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 

@@ -285,6 +285,10 @@ def test_resume_checks_the_run_settings_and_auto_skips_incomplete_checkpoints(ch
     proc = run(out, "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0", "--resume", "auto")
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stdout
     assert_same_weights(checkpointed / "final", out / "final", atol=0)
+    only_incomplete = tmp_path / "incomplete"
+    damage("no completeness marker", copy_checkpoint(checkpointed, only_incomplete, 4))
+    proc = run(only_incomplete, "--steps", "5", "--save_every", "2", "--resume", "auto", check=False)
+    assert proc.returncode != 0 and "holds checkpoint folders but none is complete" in proc.stderr, proc.stderr
 
 
 def test_a_fresh_run_into_another_runs_directory_is_refused_unless_overwrite(checkpointed, tmp_path):
