@@ -93,7 +93,8 @@ FLAG_RULES = {
     "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "0 (off) or a finite positive number"),
     "max_length": (lambda v: v >= 2, "at least 2"), "eval_samples": (lambda v: v >= 0, "0 (all) or more"),
     "eval_batch_size": (lambda v: v >= 1, "at least 1"), "max_new_tokens": (lambda v: v >= 1, "at least 1"),
-    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "finite, >= 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "finite, >= 0"),
 }
 
 

@@ -63,9 +63,13 @@ class Args:
     lr: float = 1e-3
     """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
     warmup_ratio: float = 0.05
-    """fraction of steps of linear warm-up, then cosine decay to 10%"""
+    """fraction of steps of linear warm-up, then cosine decay to min_lr_ratio x lr"""
+    min_lr_ratio: float = 0.1
+    """floor of the cosine decay as a fraction of lr (0 = to zero, as Hugging Face Trainer, TRL and LLaMA-Factory)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (beta1 is 0.9); 0.999 = the torch and Hugging Face Trainer default"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0 = off)"""
     chunk_size: int = 0
@@ -360,9 +364,10 @@ def main(args):
 
     # COMMON: optimizer and schedule
     loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp, args.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
     warmup = max(1, int(args.warmup_ratio * args.steps))
-    cosine = lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
+    floor = args.min_lr_ratio  # linear warm-up, then cosine from lr down to floor x lr
+    cosine = lambda s: min((s + 1) / warmup, floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     start_step, resume = 0, args.resume
     if resume == "auto":

@@ -21,7 +21,7 @@ NPROC=${NPROC:-8}             # GPUs (torchrun processes) per run: 8 = one 8x H1
 SEEDS=${SEEDS:-"0 1 2"}       # one run per seed; the tables are mean ± std over them
 OUT=${OUT:-runs/paper}        # run names do not contain the model: use one OUT per MODEL
 MICRO=${MICRO:-8}             # at most this many samples per forward pass per GPU; accumulation fills the global batch
-LR=${LR:-1e-5}                # peak AdamW learning rate of every training run (5% warm-up, cosine to 10%)
+LR=${LR:-1e-5}                # peak AdamW learning rate of every training run (5% warm-up, cosine to 0)
 MATH_STEPS=${MATH_STEPS:-330} # 3 epochs of the 7,000 GSM8K training problems at batch 64 (110 steps per epoch)
 CODE_STEPS=${CODE_STEPS:-36}  # 3 epochs of MBPP's 374 training problems at batch 32 (12 steps per epoch)
 ABLATIONS=${ABLATIONS:-0}     # 1 = also the ablation rows (FAIT granularities, RoSTE's plain STE, extra LiNeS/TA scales)
@@ -170,17 +170,20 @@ CODE_METRICS=(eval/mbpp/accuracy eval/gsm8k/accuracy eval/squad/accuracy eval/tr
 MATH_MICRO=$(micro "$MATH_BATCH")
 CODE_MICRO=$(micro "$CODE_BATCH")
 
+# The optimizer of the frameworks the papers' official code runs on (Hugging Face Trainer, so TRL and LLaMA-Factory):
+# AdamW betas (0.9, 0.999) and cosine decay to 0. The embedded world's defaults are (0.9, 0.95) and a 10% floor.
+TRAINER=(--adam_beta2 0.999 --min_lr_ratio 0)
 # The equal budget of every GSM8K run (every method, baseline and seed: the same data, steps x batch, lr, schedule,
 # length and evaluation), the paper-scale counterpart of the embedded world's sft.py budget.
 MATH=(--dataset "$DATA/gsm8k_train.jsonl" --eval_datasets "$MATH_EVALS" --eval_split test --dtype bfloat16
-      --max_length 1024 --lr "$LR" --batch_size "$MATH_BATCH" --micro_batch_size "$MATH_MICRO" --steps "$MATH_STEPS"
-      --max_new_tokens "$NEW_TOKENS" --eval_samples 0 --eval_batch_size 64 --save_every "$SAVE_EVERY" --resume auto
-      --device "$DEVICE" --compile "$COMPILE")
+      --max_length 1024 --lr "$LR" "${TRAINER[@]}" --batch_size "$MATH_BATCH" --micro_batch_size "$MATH_MICRO"
+      --steps "$MATH_STEPS" --max_new_tokens "$NEW_TOKENS" --eval_samples 0 --eval_batch_size 64
+      --save_every "$SAVE_EVERY" --resume auto --device "$DEVICE" --compile "$COMPILE")
 # The equal budget of every MBPP run (FAIT and its SFT baseline): MBPP's train split (374 problems) from the hub.
 CODE=(--dataset "$MBPP_TRAIN" --eval_datasets "$CODE_EVALS" --eval_split test --dtype bfloat16
-      --max_length 1024 --lr "$LR" --batch_size "$CODE_BATCH" --micro_batch_size "$CODE_MICRO" --steps "$CODE_STEPS"
-      --max_new_tokens "$NEW_TOKENS" --eval_samples 0 --eval_batch_size 64 --save_every 0 --resume auto
-      --device "$DEVICE" --compile "$COMPILE")
+      --max_length 1024 --lr "$LR" "${TRAINER[@]}" --batch_size "$CODE_BATCH" --micro_batch_size "$CODE_MICRO"
+      --steps "$CODE_STEPS" --max_new_tokens "$NEW_TOKENS" --eval_samples 0 --eval_batch_size 64
+      --save_every 0 --resume auto --device "$DEVICE" --compile "$COMPILE")
 # merge.py's evaluation (one process, no training flags): the same sets and decoding as the training runs.
 # --overwrite true: an unfinished merge (launch skips finished ones) is recomputed whole.
 MERGE_EVAL=(--overwrite true --eval_datasets "$MATH_EVALS" --eval_split test --dtype bfloat16 --max_length 1024

@@ -58,6 +58,29 @@ def test_loss_is_global_token_mean_whatever_the_split(reference, tmp_path):
     assert records(tmp_path / "ddp")[0]["world_size"] == 2 and tokens(tmp_path / "ddp") == tokens(reference)
 
 
+def test_the_frameworks_optimizer_is_two_flags_away(reference, tmp_path):
+    """Default: cosine to a 10% floor (checked against the formula on the reference run). --adam_beta2 0.999
+    --min_lr_ratio 0 --warmup_ratio 0 (Hugging Face Trainer, so TRL and LLaMA-Factory) gives transformers' own
+    cosine schedule step for step, and beta2 reaches AdamW: the first step (sign-like, beta2-free) is the golden
+    one, the later ones are not."""
+    import math
+    from transformers import get_cosine_schedule_with_warmup
+    lrs = lambda out: [r["lr"] for r in records(out) if "loss" in r]
+    floor = [min((s + 1) / 1, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 6))) * 1e-3 for s in range(6)]
+    assert lrs(reference) == pytest.approx(floor, rel=1e-6)
+    run(tmp_path / "hf", "--adam_beta2", "0.999", "--min_lr_ratio", "0", "--warmup_ratio", "0")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=6)
+    hf = []
+    for _ in range(6):
+        hf.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs(tmp_path / "hf") == pytest.approx(hf, rel=1e-6)
+    got = losses(tmp_path / "hf")
+    assert got[0] == pytest.approx(GOLDEN[0], abs=1e-6) and abs(got[2] - GOLDEN[2]) > 1e-4
+
+
 def step_gradients(out, micro, nproc=1, *extra):
     cmd = [sys.executable, "tests/grad_step.py", str(out), str(micro), *extra]
     if nproc > 1:
