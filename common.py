@@ -111,9 +111,64 @@ def check_args(args):
         raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
 
 
-def parse_args(args_class):
+def config_file_flags(path: str, args_class) -> list:
+    """A .yaml/.yml/.json config file (`python sft.py run.yaml --seed 1`, as TRL's scripts take one) as
+    command-line flags, to be placed before the real ones so that those override it. Every key must be a field
+    of the script's Args and every value of that field's type: one error naming the file and the key."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 (byte offset {err.start})") from None
+    def unique(pairs, line=None):  # a repeated key is refused, not silently last-wins
+        keys = [k for k, _ in pairs]
+        for i, k in enumerate(keys):
+            if k in keys[:i]:
+                raise UsageError(f"{path}{f':{line(i)}' if line else ''}: duplicate field {k!r}")
+        return dict(pairs)
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            unique([(self.construct_object(k, deep=deep), None) for k, _ in node.value],
+                   lambda i: node.value[i][0].start_mark.line + 1)
+            return super().construct_mapping(node, deep)
+    try:
+        data = json.loads(text, object_pairs_hook=unique) if path.endswith(".json") else yaml.load(text, Loader)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UsageError(f"{path}{f':{mark.line + 1}' if mark else ''}: malformed YAML "
+                         f"({getattr(err, 'problem', None) or type(err).__name__})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    flags = []
+    for key, value in data.items():
+        if key not in fields:
+            raise UsageError(f"{path}: unknown field {key!r} (not a flag of this script; see --help)")
+        kind = {"bool": bool, "int": int, "float": float, "str": str}[getattr(fields[key].type, "__name__", fields[key].type)]
+        if value is None and kind is str:
+            value = ""
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not isinstance(value, kinds[kind]) or (kind is not bool and isinstance(value, bool)):
+            raise UsageError(f"{path}: field {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        flags += [f"--{key}", str(value).lower() if kind is bool else repr(value) if kind is float else str(value)]
+    return flags
+
+
+def parse_args(args_class, argv=None):
     """Parse the command line into a script's `Args` dataclass (HfArgumentParser), with each field's
-    docstring (the string literal under it) as its --help text."""
+    docstring (the string literal under it) as its --help text. A first argument ending in .yaml, .yml or
+    .json is a config file of the same flags; the command line's own flags override it."""
     import ast
     import inspect
     import types
@@ -127,7 +182,10 @@ def parse_args(args_class):
     for action in parser._actions:  # HfArgumentParser gives --no_x the help of --x
         if any(o.startswith("--no_") for o in action.option_strings):
             action.help = f"turn off --{action.dest}"
-    args, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        argv = config_file_flags(argv[0], args_class) + argv[1:]
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # the usage line and exit 2, as argparse does
     check_args(args)

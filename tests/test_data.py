@@ -1,6 +1,7 @@
 """Data loading, schema adapters, masking, batching, judges: values and clear errors."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -138,6 +139,32 @@ def test_every_sft_flag_has_help_and_parses(monkeypatch):
     args = common.parse_args(sft.Args)
     assert args.steps == 3 and args.compile is False
     assert all(f.metadata["help"] for f in dataclasses.fields(sft.Args))
+
+
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    import sft
+    (tmp_path / "run.yaml").write_text("steps: 3\nlr: 1e-4\ncompile: false\ndataset: my.jsonl\nsave_dtype:\n")
+    args = common.parse_args(sft.Args, [str(tmp_path / "run.yaml"), "--steps", "5"])
+    assert (args.steps, args.lr, args.compile, args.dataset, args.save_dtype) == (5, 1e-4, False, "my.jsonl", "")
+    (tmp_path / "run.json").write_text('{"batch_size": 4, "fsdp": true, "warmup_ratio": 0}')
+    args = common.parse_args(sft.Args, [str(tmp_path / "run.json")])
+    assert (args.batch_size, args.fsdp, args.warmup_ratio, args.steps) == (4, True, 0.0, sft.Args.steps)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("steps: [1\n", "run.yaml:2: malformed YAML"),
+    ("stepz: 1\n", "run.yaml: unknown field 'stepz'"),
+    ("steps: 1.5\n", "run.yaml: field 'steps' must be int, got float 1.5"),
+    ("compile: 1\n", "run.yaml: field 'compile' must be bool, got int 1"),
+    ("lr: fast\n", "run.yaml: field 'lr' must be float, got str 'fast'"),
+    ("- 1\n", "run.yaml: expected a mapping of flag names to values, got list"),
+    ("lr: 1e-3\nlr: 2e-3\n", "run.yaml:2: duplicate field 'lr'"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, text, message):
+    import sft
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(common.UsageError, match=re.escape(message)):
+        common.parse_args(sft.Args, [str(tmp_path / "run.yaml")])
 
 
 @pytest.fixture(scope="module")
