@@ -7,6 +7,7 @@ Nothing here is method-specific: a method changes the per-token objective handed
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -54,7 +55,8 @@ class Runtime:
 RUN_SETTINGS = {}
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "eval_datasets", "eval_samples",
                      "eval_batch_size", "eval_every", "eval_before", "eval_split", "max_new_tokens", "compile", "device",
-                     "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir", "fsdp", "chunk_size"}
+                     "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir", "fsdp", "chunk_size",
+                     "report_to"}
 RUN_FILES = ("metrics.jsonl", "final")  # with checkpoint-N: what marks a directory as holding a run
 
 
@@ -104,6 +106,8 @@ def check_args(args):
         value = getattr(args, name, None)
         if value is not None and not ok(value):
             raise UsageError(f"--{name} must be {what}, got {value!r}")
+    if getattr(args, "report_to", None) is not None:
+        check_report_to(args.report_to)
     device = getattr(args, "device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -1216,15 +1220,94 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-class MetricsLogger:
-    """One line per step on stdout (rank 0) and one JSON object per line in <output_dir>/metrics.jsonl."""
+# --report_to: the trackers a run can mirror metrics.jsonl to (each an optional package: requirements-extras.txt).
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
-    def __init__(self, output_dir: str, rt: Runtime, total_steps: int, resume: bool = False):
+
+def check_report_to(report_to: str):
+    """--report_to is a known tracker whose package is installed: checked before anything is written."""
+    if report_to not in TRACKERS:
+        raise UsageError(f"--report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
+    package = TRACKERS[report_to]
+    if package and importlib.util.find_spec(package) is None:
+        raise UsageError(f"--report_to {report_to}: the {package} package is not installed "
+                         f"(pip install -r requirements-extras.txt)")
+
+
+class Tracker:
+    """metrics.jsonl mirrored to TensorBoard, W&B or Trackio: every numeric field of every record at its `step`,
+    under the same names (loss, lr, eval/<set>/accuracy, method/...), and the config record as hyperparameters.
+    TensorBoard writes <output_dir>/tensorboard; W&B and Trackio follow their own settings (WANDB_MODE=offline,
+    WANDB_PROJECT, TRACKIO_DIR, ...), with the project `sft-methods` and the run named after the output
+    directory. A resumed run continues the same W&B run (its id is kept in <output_dir>/wandb_run_id)."""
+
+    def __init__(self, kind: str, output_dir: str, resume: bool):
+        self.kind, self.output_dir, self.resume, self.run = kind, output_dir, resume, None
+
+    def start(self, config: dict):
+        name = os.path.basename(os.path.abspath(self.output_dir))
+        hparams = {k: v for k, v in config.items() if isinstance(v, (bool, int, float, str)) and k not in ("event", "time")}
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+            self.run = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+            for summary in hparams_summary(hparams, {}):  # the HPARAMS tab, in this run's own event file
+                self.run.file_writer.add_summary(summary)
+            self.run.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
+        elif self.kind == "wandb":
+            import wandb
+            id_path = os.path.join(self.output_dir, "wandb_run_id")
+            run_id = open(id_path).read().strip() if self.resume and os.path.exists(id_path) else wandb.sdk.lib.runid.generate_id()
+            write_atomic(id_path, run_id)
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft-methods"), name=name, id=run_id,
+                                  resume="allow", dir=self.output_dir, config=hparams)
+        elif self.kind == "trackio":
+            import trackio
+            self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sft-methods"), name=name,
+                                    config=hparams, resume="allow" if self.resume else "never", auto_log_cpu=False,
+                                    auto_log_gpu=False)
+
+    def log(self, record: dict):
+        if record.get("event") == "config":
+            return self.start(record)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("step", "time") and math.isfinite(v)}
+        if self.run is None or "step" not in record or not scalars:
+            return
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.run.add_scalar(k, v, record["step"])
+            self.run.flush()
+        else:
+            self.run.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.run is not None:
+            (self.run.close if self.kind == "tensorboard" else self.run.finish)()
+            self.run = None
+
+
+def write_atomic(path: str, text: str):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+class MetricsLogger:
+    """One line per step on stdout (rank 0) and one JSON object per line in <output_dir>/metrics.jsonl, mirrored
+    to --report_to's tracker."""
+
+    def __init__(self, output_dir: str, rt: Runtime, total_steps: int, resume: bool = False, report_to: str = "none"):
         self.rt, self.total, self.start = rt, total_steps, time.time()
-        self.file = None
+        self.file, self.tracker = None, None
         if rt.is_main:
             os.makedirs(output_dir, exist_ok=True)
             self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a" if resume else "w")
+            if report_to != "none":
+                check_report_to(report_to)
+                self.tracker = Tracker(report_to, output_dir, resume)
+                import atexit
+                atexit.register(self.tracker.close)
 
     def log(self, record: dict):
         if not self.rt.is_main:
@@ -1234,6 +1317,8 @@ class MetricsLogger:
             record["sandbox"] = SANDBOX  # which layers guarded the model-written code of this run
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
         if record.get("event") == "config":
             print(f"run: {record.get('output_dir')} | processes {record.get('world_size')} | metrics.jsonl has the full config", flush=True)
         elif "step" in record and "loss" in record:
