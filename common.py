@@ -222,6 +222,48 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+class LogProgress:
+    """progress() in a log file: plain lines, the first once the phase has run `delay` s, then one every
+    `every` s, and the last; a phase shorter than `delay` prints nothing."""
+
+    def __init__(self, desc: str, total: int, unit: str, delay: float = 10, every: float = 30):
+        self.desc, self.total, self.unit, self.delay, self.every = desc, total, unit, delay, every
+        self.n, self.start, self.shown = 0, time.time(), None
+
+    def update(self, n: int = 1):
+        self.n += n
+        now = time.time()
+        if now - self.start >= self.delay and (self.shown is None or now - self.shown >= self.every):
+            self.show(now)
+
+    def show(self, now):
+        self.shown, elapsed = now, now - self.start
+        eta = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / max(self.total, 1):.0f}%) | "
+              f"{elapsed:.0f}s elapsed | eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.total is not None and (self.shown is not None or time.time() - self.start >= self.delay):
+            self.show(time.time())
+        self.total = None  # closed: a second close prints nothing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress(desc: str, total: int, unit: str = "sample"):
+    """A progress bar with rate and ETA on stderr, rank 0 only: tqdm's, redrawn, on a terminal; LogProgress's
+    plain lines in a log file. TQDM_DISABLE=1 turns both off."""
+    off = (dist.is_initialized() and dist.get_rank() != 0) or os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True")
+    if off or not sys.stderr.isatty():
+        return LogProgress(desc, total, unit, delay=float("inf") if off else 10)
+    from tqdm import tqdm
+    return tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
 def all_reduce_sum(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(value, op=op)
@@ -549,13 +591,15 @@ def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "trun
     if limit:
         rows = rows[:limit]
     examples, stats = [], {"rows": len(rows), "ok": 0, "truncated": 0, "dropped": 0, "empty": 0}
-    for i, row in enumerate(rows):
-        ex = to_example(row, f"{source}:{i + 1}")
-        tokens, status = tokenize_example(tokenizer, ex["messages"], max_length, overlong)
-        stats[status] += 1
-        if tokens is not None:
-            ex["input_ids"], ex["labels"] = tokens
-            examples.append(ex)
+    with progress(f"tokenise {os.path.basename(source)}", len(rows)) as bar:
+        for i, row in enumerate(rows):
+            ex = to_example(row, f"{source}:{i + 1}")
+            tokens, status = tokenize_example(tokenizer, ex["messages"], max_length, overlong)
+            stats[status] += 1
+            if tokens is not None:
+                ex["input_ids"], ex["labels"] = tokens
+                examples.append(ex)
+            bar.update()
     if not examples:
         raise UsageError(f"{source}: no usable samples ({stats})")
     if any(ex["task"] == "code" for ex in examples):
@@ -932,11 +976,12 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, stop_ids: torc
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0,
-             batch_size: int = 32, seed: int = 0, synced: bool = False, return_finished: bool = False) -> list:
+             batch_size: int = 32, seed: int = 0, synced: bool = False, return_finished: bool = False,
+             desc: str = "generate") -> list:
     """Batched generation through the chat template: prompts sorted by length (little padding), `decode` per
     batch, results in the input order. temperature 0 = greedy, else plain sampling (seeded). Returns the texts
     (special tokens removed), or (texts, finished) where finished[i] says the answer ended with an end-of-turn
-    token rather than running out of max_new_tokens."""
+    token rather than running out of max_new_tokens. `desc` names the progress bar (rank 0's prompts)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -951,6 +996,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
         count = int(all_reduce_sum(torch.tensor(float(len(batches)), device=device), dist.ReduceOp.MAX).item())
         batches += [None] * (count - len(batches))
     texts, finished = [""] * len(prompts), [False] * len(prompts)
+    bar = progress(desc, len(prompts), unit="prompt")
     for batch in batches:
         seqs = [encoded[i] for i in batch] if batch else [tokenizer("hi", add_special_tokens=False)["input_ids"]]
         width = max(len(q) for q in seqs)
@@ -961,6 +1007,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
             row = row[:row.index(-1)] if -1 in row else row
             texts[i] = tokenizer.decode(row, skip_special_tokens=True)
             finished[i] = bool(row) and row[-1] in stops.tolist()
+        bar.update(len(batch or []))
+    bar.close()
     model.train(was_training)
     return (texts, finished) if return_finished else texts
 
@@ -971,7 +1019,7 @@ def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tok
     mine = examples[rt.rank::rt.world_size]
     with precision(rt):
         responses = generate(model, tokenizer, [e["messages"][:-1] for e in mine], max_new_tokens, temperature,
-                             batch_size, seed=rt.rank, synced=synced)
+                             batch_size, seed=rt.rank, synced=synced, desc=f"evaluate ({mine[0]['task'] if mine else '-'})")
     passed = sum(JUDGES[e["task"]](r, e["reference"])[0] for e, r in zip(mine, responses))
     counts = all_reduce_sum(torch.tensor([float(passed), float(len(mine))]))
     return {"accuracy": counts[0].item() / max(counts[1].item(), 1), "n": int(counts[1].item())}
@@ -982,6 +1030,7 @@ def evaluate_loss(loss_model, examples: list, rt: Runtime, pad_id: int, batch_si
     """Token-mean loss and perplexity of the wrapped training loss on held-out samples."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total = torch.zeros(2, device=rt.device)
+    bar = progress("held-out loss", len(order))
     for s in range(0, len(order), batch_size * rt.world_size):
         mine = order[s:s + batch_size * rt.world_size][rt.rank::rt.world_size]
         # a rank without samples still runs a forward (FSDP collectives), on one sample counted with weight 0
@@ -989,6 +1038,8 @@ def evaluate_loss(loss_model, examples: list, rt: Runtime, pad_id: int, batch_si
         loss_sum, _ = loss_model(batch)
         weight = float(bool(mine))
         total += weight * torch.stack([loss_sum.float(), (batch["targets"] != IGNORE_INDEX).sum().float()])
+        bar.update(len(order[s:s + batch_size * rt.world_size]))
+    bar.close()
     all_reduce_sum(total)
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}

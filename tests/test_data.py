@@ -167,6 +167,20 @@ def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, text, message):
         common.parse_args(sft.Args, [str(tmp_path / "run.yaml")])
 
 
+def test_progress_in_a_log_file_prints_plain_lines_with_eta_and_nothing_for_short_phases(capsys):
+    with common.LogProgress("evaluate math", 4, "prompt", delay=0, every=0) as bar:
+        for _ in range(4):
+            bar.update()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("evaluate math: 1/4 prompts (25%) | ") and " | eta " in lines[0]
+    assert lines[-1].startswith("evaluate math: 4/4 prompts (100%)")
+    with common.LogProgress("tokenise", 3, "sample") as bar:  # the default 10 s delay: a short phase is silent
+        bar.update(3)
+    assert capsys.readouterr().err == ""
+    bar = common.progress("generate", 2)  # not a terminal here: plain lines, not tqdm's redrawn bar
+    assert isinstance(bar, common.LogProgress)
+
+
 @pytest.fixture(scope="module")
 def world_prompts(tokenizer):
     prompts = []
