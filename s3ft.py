@@ -119,6 +119,26 @@ class Args:
     """reject rewrites that mention the prompt's scaffolding ("reference answer", ...): SDFT's filter, not in S3FT"""
 
 
+# METHOD: the paper's GSM8K prompt (Fig. 3), for benchmark/s3ft.sh's data files
+GSM8K_INSTRUCTION = ("You are a math expert. Solve the following problem step by step, then end your response with "
+                     "\"The answer is N.\", where N is the final answer as an integer.")
+
+
+def paper_gsm8k_row(question: str, answer: str, normalize_gold: bool = True) -> dict:
+    """A GSM8K row (the question; the gold solution ending in "#### N") with S3FT's GSM8K training prompt (Gupta et
+    al. 2025, Fig. 3: reason step by step, then "The answer is {answer}", an integer). The sources we could read
+    describe Fig. 3 but do not quote it, so GSM8K_INSTRUCTION's wording is ours. Returns a prompt/response row for
+    the math judge (reference = N). normalize_gold: the gold gets the same ending, its calculator annotations
+    <<...>> removed and "#### N" replaced by "The answer is N." (SDFT's normalisation; the paper does not say
+    whether S3FT did), so that SFT's targets and S3FT's gold fallback follow the instruction."""
+    if "####" not in answer:
+        raise common.UsageError(f"GSM8K answer without its final '#### N': {answer[-80:]!r}")
+    work, final = answer.rsplit("####", 1)
+    final = final.strip().replace(",", "")
+    response = f"{re.sub(r'<<[^<>]*>>', '', work).rstrip()}\nThe answer is {final}.".lstrip() if normalize_gold else answer
+    return {"prompt": f"{GSM8K_INSTRUCTION}\n\n{question}", "response": response, "task": "math", "reference": final}
+
+
 # METHOD: S3FT target selection (Sec. 3, Fig. 1; target sources as in Table 3)
 LEAK_PHRASES = ("reference answer", "your response", "my response", "your own response", "now it's your turn")
 

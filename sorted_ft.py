@@ -12,7 +12,8 @@ Usage:
     python sorted_ft.py                             # embedded world (4 layers): exits after layers 1, 2, 3, 4
     python sorted_ft.py --exits 4                   # only the last exit: exactly sft.py
     torchrun --nproc_per_node 8 sorted_ft.py --model meta-llama/Llama-2-13b-hf --dataset tatsu-lab/alpaca \
-        --exits 12,16,20,24,28,32,36,40 --dtype bfloat16 --lr 2e-5 --batch_size 256 --steps 400
+        --exits paper --exit_threshold paper --dtype bfloat16 --lr 2e-5 --batch_size 256 --steps 400
+    # --exits paper = 12,16,...,40 of 40 layers (30% of the depth, then every 10%); --exit_threshold paper = 0.95-0.7
     # a sub-model is an ordinary model: AutoModelForCausalLM.from_pretrained("runs/sorted_ft/final", num_hidden_layers=n)
 """
 import contextlib
@@ -104,23 +105,79 @@ class Args:
 
     # METHOD: SoFT
     exits: str = ""
-    """comma-separated depths n of the exits (the last layer L is always one); the paper uses 12,16,...,40 of L = 40"""
+    """comma-separated depths n of the exits (the last layer L is always one), or `paper`: B at 30%, 40%, ..., 100% of the depth (Sec. 3: 12,16,...,40 of L = 40); empty = --exit_every"""
     exit_every: int = 0
-    """with --exits empty: an exit after every k layers; 0 = every quarter of the depth"""
+    """with --exits empty: an exit after every k layers; 0 = every quarter of the depth (our default, not the paper's)"""
     eval_exits: str = ""
-    """comma-separated depths evaluated as sub-models; empty = the training exits (set it to read an SFT model's layers)"""
-    exit_threshold: float = 0.9
-    """confidence-threshold early exit at the final evaluation: emit at the first exit whose max softmax prob >= this (paper: 0.95-0.7)"""
+    """comma-separated depths (or `paper`) evaluated as sub-models; empty = the training exits (set it to read an SFT model's layers)"""
+    exit_threshold: str = "0.9"
+    """early exit at the final evaluation: emit at the first exit n whose max softmax prob >= tau_n; one number for all, one per exit n < L, or `paper` (App. A.1: 0.95 down to 0.7 by depth)"""
     early_exit_prompts: int = 50
     """target-set prompts decoded one at a time (batch 1) for the early-exit and sub-model speed test (0 = off)"""
 
 
-# METHOD: the exits and the SoFT loss (Eq. 1)
+# METHOD: the exits, their early-exit thresholds and the SoFT loss (Eq. 1)
+def paper_exits(num_layers):
+    """The paper's exit set B at any depth L (Kavehzadeh et al. 2024, Sec. 3: B = {12, 16, ..., 40} of L = 40, i.e.
+    the first exit at 30% of the depth, then a stride of 10%): n_k = round(k L / 10), k = 3..10, halves rounded up,
+    duplicates merged (fewer than 8 exits below L = 10). The paper gives no rule for other depths; this keeps B's
+    depth fractions and its size |B| = 8, so the full model's share of the loss stays 1/8."""
+    return sorted({max(1, (2 * k * num_layers + 10) // 20) for k in range(3, 11)})
+
+
+def paper_threshold(n, num_layers):
+    """tau_n of the paper's instance-aware early exit at any depth (App. A.1, L = 40: layers 12, 16 -> 0.95; 20, 24
+    -> 0.9; 28, 32 -> 0.8; 36 -> 0.7), by the exit's depth in tenths t = round(10 n / L), halves up: t <= 4 -> 0.95,
+    t <= 6 -> 0.9, t <= 8 -> 0.8, else 0.7. So the k-th exit of paper_exits(L) gets the paper's k-th threshold at
+    every L >= 10; exits below 30% of the depth (the paper has none) get 0.95."""
+    tenths = (20 * n + num_layers) // (2 * num_layers)
+    return next(tau for top, tau in ((4, 0.95), (6, 0.9), (8, 0.8), (10, 0.7)) if tenths <= top)
+
+
+def parse_depths(flag, spec):
+    """--exits / --eval_exits as a set of layer numbers (None for `paper`); one clear line if malformed."""
+    if spec == "paper":
+        return None
+    try:
+        return {int(x) for x in spec.split(",")}
+    except ValueError:
+        raise common.UsageError(f"--{flag} must be comma-separated layer numbers or `paper`, got {spec!r}") from None
+
+
+def parse_thresholds(spec):
+    """--exit_threshold as a list of numbers >= 0 (None for `paper`); one clear line if malformed."""
+    if spec == "paper":
+        return None
+    try:
+        values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        values = [float("nan")]
+    if not all(v >= 0 for v in values):  # also refuses nan, which would never fire
+        raise common.UsageError(f"--exit_threshold must be a number >= 0, a comma list of them (one per exit below "
+                                f"the last layer) or `paper`, got {spec!r}")
+    return values
+
+
+def exit_thresholds(spec, depths, num_layers):
+    """{n: tau_n} for the exits n < L of `depths` (which ends with L): `paper` (paper_threshold), one number for every
+    exit, or one per exit in order. A list of another length is refused, naming the exits."""
+    inner, values = depths[:-1], parse_thresholds(spec)
+    if values is None:
+        return {n: paper_threshold(n, num_layers) for n in inner}
+    if len(values) == 1:
+        values = values * len(inner)
+    if len(values) != len(inner):
+        raise common.UsageError(f"--exit_threshold {spec!r}: {len(values)} thresholds for the {len(inner)} exits "
+                                f"{inner} below the last layer; give one number, one per exit, or `paper`")
+    return dict(zip(inner, values))
+
+
 def exit_depths(args, num_layers, spec=None):
-    """Sorted, unique exit depths in 1..L (from --exits, or `spec`), always ending with L."""
+    """Sorted, unique exit depths in 1..L (from --exits, or `spec`: a comma list or `paper`), always ending with L."""
     spec = args.exits if spec is None else spec
     if spec:
-        depths = sorted({int(x) for x in spec.split(",")} | {num_layers})
+        given = parse_depths("exits", spec)
+        depths = sorted((set(paper_exits(num_layers)) if given is None else given) | {num_layers})
     else:
         k = args.exit_every or max(1, num_layers // 4)
         depths = sorted(set(range(k, num_layers + 1, k)) | {num_layers})
@@ -289,7 +346,7 @@ def early_exit_report(model, tokenizer, examples, depths, args, rt):
     stops = model.generation_config.eos_token_id or tokenizer.eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops])
     mine = examples[: args.early_exit_prompts][rt.rank::rt.world_size]
-    settings = {"full": {}, **{f"exit{n}": {n: 0.0} for n in depths[:-1]}, "threshold": {n: args.exit_threshold for n in depths[:-1]}}
+    settings = {"full": {}, **{f"exit{n}": {n: 0.0} for n in depths[:-1]}, "threshold": exit_thresholds(args.exit_threshold, depths, model.config.num_hidden_layers)}
     results = {}
     was_training = model.training
     model.eval()
@@ -356,6 +413,15 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 
 
 def main(args):
+    # METHOD: bad flags fail before anything loads (the threshold count once the depth is known, before training)
+    for flag in ("exits", "eval_exits"):
+        if getattr(args, flag):
+            parse_depths(flag, getattr(args, flag))
+    if args.exit_every < 0 or (args.exit_every and args.exits):
+        raise common.UsageError(f"--exit_every {args.exit_every}: must be >= 0, and applies only with --exits empty "
+                                f"(got --exits {args.exits!r})")
+    parse_thresholds(args.exit_threshold)
+
     # COMMON: seed, distributed
     rt = common.setup_distributed(args.device, args.dtype)
     common.prepare_output_dir(args.output_dir, args.resume, args.overwrite, rt)  # before anything is loaded
@@ -384,7 +450,10 @@ def main(args):
 
     # METHOD: the exits
     depths = exit_depths(args, model.config.num_hidden_layers)
-    print0(f"SoFT: exits after layers {depths} of {model.config.num_hidden_layers}, all every step")
+    eval_depths = exit_depths(args, model.config.num_hidden_layers, args.eval_exits or None)
+    thresholds = exit_thresholds(args.exit_threshold, eval_depths, model.config.num_hidden_layers)
+    print0(f"SoFT: exits after layers {depths} of {model.config.num_hidden_layers}, all every step"
+           + (f"; early exit thresholds {thresholds}" if args.early_exit_prompts else ""))
     check_exits(model, depths, torch.tensor(train[0]["input_ids"][:32], device=rt.device),
                 decoding=bool(args.early_exit_prompts) and not args.fsdp)  # refuse now, not after training
 

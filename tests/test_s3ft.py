@@ -70,6 +70,28 @@ def test_rewrite_prompt_substitutes_once_and_keeps_the_training_prompt():
     assert messages[1]["content"] == "Q {reference}"  # the training prompt is untouched
 
 
+def test_paper_gsm8k_prompt_asks_for_the_answer_is_n_and_the_gold_ends_that_way():
+    row = s3ft.paper_gsm8k_row("Ana has 3 apples and buys 1,204 more. How many?",
+                               "Ana has 3 + 1204 = <<3+1204=1207>>1,207 apples.\n#### 1,207")
+    assert row == {"prompt": s3ft.GSM8K_INSTRUCTION + "\n\nAna has 3 apples and buys 1,204 more. How many?",
+                   "response": "Ana has 3 + 1204 = 1,207 apples.\nThe answer is 1207.", "task": "math", "reference": "1207"}
+    assert '"The answer is N."' in s3ft.GSM8K_INSTRUCTION and "integer" in s3ft.GSM8K_INSTRUCTION
+    verbatim = s3ft.paper_gsm8k_row("Q", "2 + 2 = <<2+2=4>>4\n#### 4", normalize_gold=False)
+    assert verbatim["response"] == "2 + 2 = <<2+2=4>>4\n#### 4" and verbatim["reference"] == "4"
+    with pytest.raises(common.UsageError, match="without its final '#### N'"):
+        s3ft.paper_gsm8k_row("Q", "The answer is 4.")
+    # every training problem of the world: the judge accepts the rewritten gold and rejects another number, and the row
+    # reads back through the shared loader as a math example whose prompt carries the instruction
+    rows = common.read_records(MATH)
+    for raw in rows:
+        row = s3ft.paper_gsm8k_row(raw["question"], raw["answer"])
+        assert row["response"].endswith(f"The answer is {row['reference']}.") and "####" not in row["response"]
+        assert common.judge_math(row["response"], row["reference"])[0] and common.judge_math(raw["answer"], row["reference"])[0]
+        assert not common.judge_math(row["response"], str(float(row["reference"]) + 1))[0]
+    example = common.to_example(s3ft.paper_gsm8k_row(rows[0]["question"], rows[0]["answer"]), "x")
+    assert example["task"] == "math" and example["messages"][0]["content"].startswith(s3ft.GSM8K_INSTRUCTION)
+
+
 def test_judges_are_the_shared_ones():
     for task, judge in common.JUDGES.items():
         assert s3ft.task_judge(task, "x") is judge

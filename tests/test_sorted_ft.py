@@ -2,7 +2,9 @@
 gradients, early-exit decoding against slow references, the same on every common architecture (tiny random models:
 sliding windows, softcaps, logit scales, GPT-2's layout) and the start-up refusals, and the script (--exits L is
 sft.py)."""
+import math
 import os
+from fractions import Fraction
 
 import pytest
 import torch
@@ -58,6 +60,49 @@ def test_default_exits_are_every_quarter_and_always_end_at_the_last_layer():
     assert sorted_ft.exit_depths(sorted_ft.Args(exits="4"), 4, "1,3") == [1, 3, 4]  # --eval_exits
     with pytest.raises(common.UsageError, match="depths must be in 1..4"):
         sorted_ft.exit_depths(sorted_ft.Args(exits="0,2"), 4)
+
+
+def test_paper_exit_schedule_is_30_percent_then_a_10_percent_stride_at_any_depth():
+    assert sorted_ft.paper_exits(40) == [12, 16, 20, 24, 28, 32, 36, 40]  # Sec. 3, LLaMA-2-13B
+    assert sorted_ft.paper_exits(24) == [7, 10, 12, 14, 17, 19, 22, 24] and sorted_ft.paper_exits(4) == [1, 2, 3, 4]
+    for depth in range(1, 97):  # against the direct formula: round(k L / 10), halves up, k = 3..10, at least 1
+        want = sorted({max(1, math.floor(Fraction(k * depth, 10) + Fraction(1, 2))) for k in range(3, 11)})
+        got = sorted_ft.paper_exits(depth)
+        assert got == want and got[-1] == depth and (len(got) == 8 or depth < 10)
+    assert sorted_ft.exit_depths(sorted_ft.Args(exits="paper"), 24) == [7, 10, 12, 14, 17, 19, 22, 24]
+    assert sorted_ft.exit_depths(sorted_ft.Args(exits="24"), 24, "paper") == sorted_ft.paper_exits(24)  # --eval_exits
+
+
+def test_paper_thresholds_are_app_a1s_by_depth_and_other_forms_parse_or_are_refused():
+    paper = sorted_ft.exit_thresholds("paper", sorted_ft.paper_exits(40), 40)
+    assert paper == {12: 0.95, 16: 0.95, 20: 0.9, 24: 0.9, 28: 0.8, 32: 0.8, 36: 0.7}  # App. A.1
+    taus = list(paper.values())
+    for depth in range(10, 97):  # the k-th exit of the paper's schedule gets the paper's k-th threshold at any depth
+        assert list(sorted_ft.exit_thresholds("paper", sorted_ft.paper_exits(depth), depth).values()) == taus
+    for depth in range(1, 41):  # against the direct rule: depth in tenths, rounded half up
+        for n in range(1, depth):
+            tenths = math.floor(Fraction(10 * n, depth) + Fraction(1, 2))
+            assert sorted_ft.paper_threshold(n, depth) == (0.95 if tenths <= 4 else 0.9 if tenths <= 6 else 0.8 if tenths <= 8 else 0.7)
+    assert sorted_ft.exit_thresholds("paper", [1, 2, 3, 4], 4) == {1: 0.95, 2: 0.9, 3: 0.8}
+    assert sorted_ft.exit_thresholds("0.9", [1, 2, 3, 4], 4) == {1: 0.9, 2: 0.9, 3: 0.9}
+    assert sorted_ft.exit_thresholds("0.5,0.6,2", [1, 2, 3, 4], 4) == {1: 0.5, 2: 0.6, 3: 2.0}
+    with pytest.raises(common.UsageError, match=r"--exit_threshold '0.5,0.6': 2 thresholds for the 3 exits \[1, 2, 3\]"):
+        sorted_ft.exit_thresholds("0.5,0.6", [1, 2, 3, 4], 4)
+    for bad in ("x", "-0.1", "nan", "0.9,", "Paper"):
+        with pytest.raises(common.UsageError, match="--exit_threshold must be a number >= 0"):
+            sorted_ft.parse_thresholds(bad)
+
+
+@pytest.mark.parametrize("flags,message", [({"exits": "12,a"}, "--exits must be comma-separated layer numbers or `paper`"),
+                                           ({"eval_exits": "papers"}, "--eval_exits must be comma-separated"),
+                                           ({"exits": "paper", "exit_every": 2}, "--exit_every 2: .* applies only with --exits empty"),
+                                           ({"exit_every": -1}, "--exit_every -1: must be >= 0"),
+                                           ({"exit_threshold": "high"}, "--exit_threshold must be a number")])
+def test_bad_method_flags_are_refused_before_anything_is_loaded_or_written(tmp_path, flags, message):
+    out = tmp_path / "never"
+    with pytest.raises(common.UsageError, match=message):
+        sorted_ft.main(sorted_ft.Args(output_dir=str(out), **flags))
+    assert not out.exists()
 
 
 @torch.no_grad()
@@ -252,7 +297,8 @@ def test_layouts_the_exits_cannot_read_are_refused_at_start_up(arch_model, one_t
 
 def test_script_logs_the_optimised_mean_saves_a_plain_model_and_last_exit_only_is_sft(tmp_path):
     run_script("sorted_ft.py", tmp_path / "soft", *QUICK, "--eval_datasets", f"math={os.path.join(common.WORLD_DIR, 'data', 'math', 'test.jsonl')}",
-               "--eval_samples", "4", "--eval_before", "false", "--early_exit_prompts", "2", "--max_new_tokens", "8")
+               "--eval_samples", "4", "--eval_before", "false", "--early_exit_prompts", "2", "--max_new_tokens", "8",
+               "--exit_threshold", "0,2,2")  # per exit: always leave at layer 1, never at 2 or 3
     steps = [r for r in records(tmp_path / "soft") if "loss" in r]
     for r in steps:  # one micro-batch per step: the logged loss is exactly the mean of the exits' token means
         assert r["loss"] == pytest.approx(sum(r[f"method/exit{n}/ce"] for n in (1, 2, 3, 4)) / 4, rel=1e-5)
@@ -260,6 +306,7 @@ def test_script_logs_the_optimised_mean_saves_a_plain_model_and_last_exit_only_i
     assert all(f"eval/math/exit{n}/accuracy" in end and f"eval/math/exit{n}/loss" in end for n in (1, 2, 3))
     assert end["eval/math/exit1/loss"] > end["eval/math/exit3/loss"] > end["eval/math/loss"]
     assert end["method/full/mean_exit_layer"] == 4 and end["method/exit1/mean_exit_layer"] == 1
+    assert end["method/threshold/mean_exit_layer"] == 1 and end["method/threshold/accuracy"] == end["method/exit1/accuracy"]
     saved, base = load_file(os.path.join(tmp_path, "soft", "final", "model.safetensors")), load_file(os.path.join(BASE, "model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}  # no new parameters
     run_script("sorted_ft.py", tmp_path / "last", *QUICK, "--exits", "4", "--eval_exits", "2", "--eval_datasets",
