@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # benchmark/common.sh's settings (and the scripts' own): the rehearsal's defaults apply, not the caller's
 SETTINGS = ("MODEL", "NPROC", "SEEDS", "MICRO", "LR", "MATH_STEPS", "CODE_STEPS", "ABLATIONS", "DATA", "MATH_BATCH",
-            "CODE_BATCH", "NEW_TOKENS", "SAVE_EVERY", "DEVICE", "COMPILE", "TEACHER", "REASONING", "EXITS", "BITS")
+            "CODE_BATCH", "NEW_TOKENS", "SAVE_EVERY", "DEVICE", "COMPILE", "TEACHER", "REASONING", "EXITS", "BITS",
+            "EXIT_THRESHOLD", "S3FT_PROMPT")
 
 
 def rehearse(script, out):
