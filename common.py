@@ -498,6 +498,13 @@ def read_records(source: str, split: str = "train") -> list:
                              f"{type(data).__name__}" + (" of other things" if isinstance(data, list) else ""))
         return data
     import datasets
+    if os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
+        data = datasets.load_from_disk(source)  # Dataset.save_to_disk / DatasetDict.save_to_disk
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise UsageError(f"{source}: no split {split!r} (it has {', '.join(data)})")
+            data = data[split]
+        return list(data)
     if source.endswith((".parquet", ".csv")):
         try:
             return list(datasets.load_dataset(source.rsplit(".", 1)[1], data_files=source, split="train"))
@@ -514,7 +521,12 @@ SCHEMAS = {
     "mbpp": ("text", "code", "test_list"),
     "squad": ("context", "question", "answers"),
     "prompt_response": ("prompt", "response"),
+    "prompt_completion (TRL, text or conversational)": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
 }
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                  "system": "system"}
 
 
 def _text(row: dict, key: str, where: str) -> str:
@@ -529,17 +541,50 @@ def _texts(value, key: str, where: str) -> list:
     return value
 
 
+def _messages(value, key: str, where: str, end_with_assistant: bool = True) -> list:
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in value):
+        raise UsageError(f"{where}: field {key!r} must be a list of {{\"role\": str, \"content\": str}} objects")
+    if end_with_assistant and (not value or value[-1]["role"] != "assistant"):
+        raise UsageError(f"{where}: {key!r} must end with an assistant turn")
+    return value
+
+
 def to_example(row: dict, where: str) -> dict:
     """{"messages": [...ending with the assistant target], "task": judge name, "reference": for the judge}.
     Every field the schema reads is type-checked: one error naming the file, line and field."""
     keys = set(row)
     if "messages" in keys:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                  and isinstance(m.get("content"), str) for m in msgs):
-            raise UsageError(f"{where}: field 'messages' must be a list of {{\"role\": str, \"content\": str}} objects")
+        msgs = _messages(row["messages"], "messages", where)
+        return {"messages": msgs, "task": row.get("task", "exact"), "reference": row.get("reference", msgs[-1]["content"])}
+    if {"prompt", "completion"} <= keys and isinstance(row["prompt"], list):  # TRL's conversational prompt-completion
+        msgs = _messages(row["prompt"], "prompt", where, False) + _messages(row["completion"], "completion", where)
+        return {"messages": msgs, "task": row.get("task", "exact"), "reference": row.get("reference", msgs[-1]["content"])}
+    if {"instruction", "output"} <= keys:  # Alpaca (and LLaMA-Factory's alpaca format with its optional system)
+        user = _text(row, "instruction", where)
+        if row.get("input"):
+            user += "\n\n" + _text(row, "input", where)
+        system = [{"role": "system", "content": _text(row, "system", where)}] if row.get("system") else []
+        history = row.get("history") or []  # LLaMA-Factory: earlier [instruction, response] pairs, context only
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+            raise UsageError(f"{where}: field 'history' must be a list of [instruction, response] pairs")
+        for pair in history:
+            system += [{"role": r, "content": t} for r, t in zip(("user", "assistant"), _texts(pair, "history", where))]
+        output = _text(row, "output", where)
+        return {"messages": system + [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+                "task": row.get("task", "exact"), "reference": row.get("reference", output)}
+    if "conversations" in keys:  # ShareGPT: {"from": human|gpt|system, "value": ...}
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            raise UsageError(f"{where}: field 'conversations' must be a list of {{\"from\": str, \"value\": str}} objects")
+        msgs = []
+        for t in turns:
+            if t.get("from") not in SHAREGPT_ROLES:
+                raise UsageError(f"{where}: 'conversations' role {t.get('from')!r} is not one of {', '.join(SHAREGPT_ROLES)}"
+                                 " (tool and function turns are not supported)")
+            msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
         if not msgs or msgs[-1]["role"] != "assistant":
-            raise UsageError(f"{where}: 'messages' must end with an assistant turn")
+            raise UsageError(f"{where}: 'conversations' must end with a gpt (assistant) turn")
         return {"messages": msgs, "task": row.get("task", "exact"), "reference": row.get("reference", msgs[-1]["content"])}
     if {"question", "answer"} <= keys:
         question, answer = _text(row, "question", where), _text(row, "answer", where)

@@ -30,7 +30,60 @@ ROWS = {
     "prompt_response": {"prompt": "Say hi", "response": "hi"},
     "messages": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                               {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+    "prompt_completion": {"prompt": "Say hi", "completion": "hi"},
+    "conversational_prompt_completion": {"prompt": [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Say hi"}],
+                                         "completion": [{"role": "assistant", "content": "hi"}]},
+    "alpaca": {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "a"},
+                                   {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"},
+                                   {"from": "gpt", "value": "d"}]},
 }
+
+
+def test_the_ecosystems_schemas_become_the_same_messages():
+    """TRL's conversational prompt-completion, Alpaca (with LLaMA-Factory's system and history) and ShareGPT map to
+    the chat messages a TRL or LLaMA-Factory user would expect, not to a stringified list."""
+    ex = common.to_example(ROWS["conversational_prompt_completion"], "x")
+    assert ex["messages"] == ROWS["conversational_prompt_completion"]["prompt"] + [{"role": "assistant", "content": "hi"}]
+    ex = common.to_example({**ROWS["alpaca"], "system": "S", "history": [["q1", "a1"]]}, "x")
+    assert ex["messages"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+                              {"role": "assistant", "content": "a1"}, {"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                              {"role": "assistant", "content": "5"}]
+    assert common.to_example({"instruction": "I", "input": "", "output": "O"}, "x")["messages"][0]["content"] == "I"
+    ex = common.to_example(ROWS["sharegpt"], "x")
+    assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert ex["messages"][-1]["content"] == ex["reference"] == "d"
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": "a"}, "field 'completion' must be a list of"),
+    ({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "a"}]}, "field 'prompt' must be a list"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     "'completion' must end with an assistant turn"),
+    ({"instruction": "I", "output": 5}, "field 'output' must be a string, got int"),
+    ({"instruction": "I", "output": "O", "history": ["q"]}, "field 'history' must be a list of [instruction, response] pairs"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]},
+     "role 'function_call' is not one of"),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}, "must end with a gpt (assistant) turn"),
+    ({"conversations": "hi"}, "field 'conversations' must be a list of"),
+])
+def test_bad_rows_of_the_ecosystems_schemas_name_the_field(row, message):
+    with pytest.raises(UsageError, match=re.escape(f"d.jsonl:7: ") + ".*" + re.escape(message)):
+        common.to_example(row, "d.jsonl:7")
+
+
+def test_a_save_to_disk_directory_loads_like_jsonl(tmp_path, tokenizer):
+    import datasets
+    datasets.Dataset.from_list([ROWS["gsm8k"]] * 3).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([ROWS["alpaca"]] * 2),
+                          "test": datasets.Dataset.from_list([ROWS["alpaca"]])}).save_to_disk(str(tmp_path / "dd"))
+    a = common.load_sft_data(str(tmp_path / "ds"), tokenizer, 512)[0]
+    b = common.load_sft_data(write(tmp_path, [ROWS["gsm8k"]] * 3), tokenizer, 512)[0]
+    assert [e["input_ids"] for e in a] == [e["input_ids"] for e in b]
+    assert len(common.load_sft_data(str(tmp_path / "dd"), tokenizer, 512, split="test")[0]) == 1
+    with pytest.raises(UsageError, match=r"dd: no split 'validation' \(it has train, test\)"):
+        common.load_sft_data(str(tmp_path / "dd"), tokenizer, 512, split="validation")
 
 
 @pytest.mark.parametrize("schema", sorted(ROWS))
