@@ -737,6 +737,15 @@ def _chunk_step(objective, logits, labels, weights, scale, softcap, *inputs):
 _COMPILED, _EAGER = {}, set()
 
 
+COMPILE_SECONDS = [0.0]  # wall time of the fused loss's calls that compiled a graph: scripts leave it out of tok/s and ETA
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in calls of the fused loss that compiled (torch.compile's first call per
+    objective and shape); a step's tok/s and the ETA subtract what a step added to it."""
+    return COMPILE_SECONDS[0]
+
+
 def _chunk_fn(objective, compile: bool):
     if not compile:
         return lambda *a: _chunk_step(objective, *a)
@@ -753,7 +762,11 @@ def _chunk_fn(objective, compile: bool):
             if objective in _EAGER:
                 return _chunk_step(objective, *a)
             try:
-                return compiled(*a)
+                graphs, start = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
+                out = compiled(*a)
+                if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:  # this call compiled
+                    COMPILE_SECONDS[0] += time.perf_counter() - start
+                return out
             except Exception as err:
                 _EAGER.add(objective)
                 lines = str(err).strip().splitlines() or [""]
