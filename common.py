@@ -1402,15 +1402,39 @@ def write_atomic(path: str, text: str):
     os.replace(path + ".tmp", path)
 
 
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def eval_before_seconds(path: str):
+    """How long the run's eval_before took (its record's time minus the config record's), from a metrics.jsonl; None
+    without one. The final evaluation scores the same sets, so this is its estimate in the whole-run ETA."""
+    config_time = None
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("event") == "config":
+                        config_time = record.get("time")
+                    elif record.get("event") == "eval_before" and config_time is not None:
+                        return record["time"] - config_time
+    return None
+
+
 class MetricsLogger:
     """One line per step on stdout (rank 0) and one JSON object per line in <output_dir>/metrics.jsonl, mirrored
-    to --report_to's tracker."""
+    to --report_to's tracker. A step record with `eta_s` (the training left) gains `eta_run_s`: that plus the final
+    evaluation, estimated by the time eval_before took (this run's, or before a resume the first run's)."""
 
     def __init__(self, output_dir: str, rt: Runtime, total_steps: int, resume: bool = False, report_to: str = "none"):
         self.rt, self.total, self.start = rt, total_steps, time.time()
-        self.file, self.tracker = None, None
+        self.file, self.tracker, self.eval_s, self.config_time = None, None, None, None
         if rt.is_main:
             os.makedirs(output_dir, exist_ok=True)
+            if resume:
+                self.eval_s = eval_before_seconds(os.path.join(output_dir, "metrics.jsonl"))
             self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a" if resume else "w")
             if report_to != "none":
                 check_report_to(report_to)
@@ -1422,8 +1446,14 @@ class MetricsLogger:
         if not self.rt.is_main:
             return
         record = {"time": round(time.time() - self.start, 3), **record}
-        if record.get("event") == "config" and SANDBOX:
-            record["sandbox"] = SANDBOX  # which layers guarded the model-written code of this run
+        if record.get("event") == "config":
+            self.config_time = record["time"]
+            if SANDBOX:
+                record["sandbox"] = SANDBOX  # which layers guarded the model-written code of this run
+        if record.get("event") == "eval_before" and self.config_time is not None:
+            self.eval_s = record["time"] - self.config_time
+        if "eta_s" in record and self.eval_s is not None:
+            record["eta_run_s"] = record["eta_s"] + self.eval_s
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tracker is not None:
@@ -1432,10 +1462,10 @@ class MetricsLogger:
             print(f"run: {record.get('output_dir')} | processes {record.get('world_size')} | metrics.jsonl has the full config", flush=True)
         elif "step" in record and "loss" in record:
             step = record["step"]
-            eta = record.get("eta_s", 0)
+            eta = clock(record.get("eta_s", 0)) + (f" (run {clock(record['eta_run_s'])})" if "eta_run_s" in record else "")
             extra = " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("method/"))
             print(f"step {step}/{self.total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                   f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
-                  f"eta {int(eta) // 60}m{int(eta) % 60:02d}s" + (f" | {extra}" if extra else ""), flush=True)
+                  f"eta {eta}" + (f" | {extra}" if extra else ""), flush=True)
         else:
             print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)

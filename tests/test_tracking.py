@@ -129,3 +129,24 @@ def test_report_to_is_checked_before_anything_is_written(monkeypatch):
     with pytest.raises(common.UsageError, match="--report_to wandb: the wandb package is not installed"):
         common.check_report_to("wandb")
     common.check_report_to("none")
+
+
+def test_the_whole_run_eta_adds_the_final_evaluation_estimated_by_eval_before(tmp_path, capsys):
+    rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
+    step = {"step": 1, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 10.0, "eta_s": 100.0}
+    logger = common.MetricsLogger(str(tmp_path), rt, 2)
+    logger.log({"event": "config"})
+    time.sleep(0.05)
+    logger.log({"event": "eval_before", "step": 0})
+    logger.log(dict(step))
+    config, before, first = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert first["eta_run_s"] == pytest.approx(100 + before["time"] - config["time"]) and first["eta_run_s"] > 100.04
+    assert "eta 1m40s (run 1m40s)" in capsys.readouterr().out
+    resumed = common.MetricsLogger(str(tmp_path), rt, 2, resume=True)  # no eval_before now: the first run's is used
+    resumed.log({"event": "config"})
+    resumed.log(dict(step, step=2))
+    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["eta_run_s"] == pytest.approx(first["eta_run_s"])
+    fresh = common.MetricsLogger(str(tmp_path / "fresh"), rt, 2)  # no eval_before at all: no whole-run estimate
+    fresh.log({"event": "config"})
+    fresh.log(dict(step))
+    assert "eta_run_s" not in json.loads(open(tmp_path / "fresh" / "metrics.jsonl").readlines()[-1])
