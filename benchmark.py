@@ -7,6 +7,7 @@
     python benchmark.py loss --shapes 2048x256x32000 --reps 3
     python benchmark.py generate # common.generate batched vs one prompt at a time, and the judges' cost per sample
     python benchmark.py objectives  # step time of DFT / ASFT / OTR / DRIFT / SoFT relative to sft.py on the same batch
+    python benchmark.py merge    # merge.py's peak memory (anonymous, file-backed, RSS) in units of one input model
 
 Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
 median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
@@ -25,6 +26,13 @@ peak RSS (ru_maxrss) at the last step minus its RSS once the model is loaded and
 peak minus the allocation once the model is on the GPU. tokens/s = input tokens of the steps after --warmup over
 their step-end to step-end time; on CPU also per CPU-second of the process (all its threads), a ratio a busy
 shared machine disturbs less than wall time.
+Merge: --merge_models + 1 random-init Llama checkpoints (hidden 1024, 8 layers, intermediate 768, vocabulary 2,044,
+fp32, 212 MB each; the fine-tuned ones are the base plus 0.01 N(0, 1) per entry), merged by merge.py in a fresh
+subprocess per method with evaluation off; /proc/PID/status sampled every 10 ms for the peak RssAnon (private
+memory) and RssFile (mapped file pages), and the peak RSS as the last VmHWM read (the high-water mark of this
+process image; a forked child's ru_maxrss would include this script's own RSS at the fork, VmHWM starts afresh
+at exec; from a shell the two agree, and ru_maxrss is what merge.py logs as peak_memory_gib). The row "imports" is
+merge.py stopped at an unknown --method: the interpreter and libraries.
 Optional peers, installed only for this script: `pip install cut-cross-entropy trl` (and `liger-kernel` on a GPU).
 """
 import argparse
@@ -482,6 +490,74 @@ def bench_objectives(args):
               f"{loss_times[name] / loss_times['sft.py']:.2f}x |")
 
 
+def bench_merge(args):
+    import threading
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, ROOT)
+    import common
+    world = os.path.join(common.WORLD_DIR, "base")
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = AutoTokenizer.from_pretrained(world)
+        config = LlamaConfig(hidden_size=1024, num_hidden_layers=8, intermediate_size=768, num_attention_heads=8,
+                             vocab_size=2044, bos_token_id=0, eos_token_id=2, pad_token_id=3, dtype="float32")
+        torch.manual_seed(0)
+        paths = [os.path.join(directory, f"m{i}") for i in range(args.merge_models + 1)]
+        LlamaForCausalLM(config).save_pretrained(paths[0])
+        tokenizer.save_pretrained(paths[0])
+        base = load_file(os.path.join(paths[0], "model.safetensors"))
+        for i, path in enumerate(paths[1:], 1):
+            generator = torch.Generator().manual_seed(i)
+            LlamaForCausalLM(config).save_pretrained(path)  # config and layout; the weights are replaced
+            tokenizer.save_pretrained(path)
+            save_file({k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()},
+                      os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        model_mib = os.path.getsize(os.path.join(paths[0], "model.safetensors")) / 2**20
+        models, one = ",".join(paths[1:]), paths[1]
+        runs = [("imports", ["--method", "no_such_method", "--models", one]),
+                ("uniform, 1 model", ["--method", "uniform", "--models", one]),
+                (f"uniform, {args.merge_models} models", ["--method", "uniform", "--models", models]),
+                (f"task_arithmetic, {args.merge_models} + base", ["--method", "task_arithmetic", "--models", models, "--base", paths[0]]),
+                (f"ties, {args.merge_models} + base", ["--method", "ties", "--models", models, "--base", paths[0]]),
+                (f"ties --ties_trim global, {args.merge_models} + base",
+                 ["--method", "ties", "--ties_trim", "global", "--models", models, "--base", paths[0]])]
+        print(f"one input model: {model_mib:.0f} MiB (fp32 safetensors); peaks in MiB, and in input models (x)")
+        print(f"{'run':<40} {'RssAnon':>14} {'RssFile':>14} {'peak RSS':>14}")
+        rows = []
+        for name, flags in runs:
+            out = os.path.join(directory, "out")
+            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "merge.py"), *flags, "--eval_datasets", "",
+                                     "--output_dir", out, "--overwrite", "true"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            peak, done = {"RssAnon": 0.0, "RssFile": 0.0, "VmHWM": 0.0}, threading.Event()
+
+            def watch():  # reads only /proc; the main thread reaps the child
+                while not done.is_set():
+                    try:
+                        with open(f"/proc/{proc.pid}/status") as f:
+                            for line in f:
+                                key = line.split(":")[0]
+                                if key in peak:
+                                    peak[key] = max(peak[key], int(line.split()[1]) / 1024)
+                    except (FileNotFoundError, ProcessLookupError):
+                        break
+                    time.sleep(0.01)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            _, status = os.waitpid(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            done.set()
+            watcher.join()
+            error = proc.stderr.read()
+            if proc.returncode != 0 and name != "imports":
+                raise SystemExit(f"{name}: merge.py failed:\n{error[-2000:]}")
+            row = {"run": name, "peak_rss": peak.pop("VmHWM"), **peak, "model_mib": model_mib}
+            rows.append(row)
+            print(f"{name:<40} " + " ".join(f"{row[k]:>7.0f} ({row[k] / model_mib:4.2f}x)" for k in ("RssAnon", "RssFile", "peak_rss")))
+        print(json.dumps(rows))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_loss_worker":
         impl, n, h, v, reps, threads = sys.argv[2:8]
@@ -491,7 +567,7 @@ if __name__ == "__main__":
         train_worker(json.loads(sys.argv[2]))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "train", "generate", "objectives"])
+    parser.add_argument("what", choices=["loss", "train", "generate", "objectives", "merge"])
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
@@ -512,7 +588,8 @@ if __name__ == "__main__":
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--loss_shape", default="512x896x151936", help="objectives: NxHxV of the loss-alone timing")
     parser.add_argument("--device", default="cpu", help="objectives, train: cpu | cuda (train on cuda adds TRL + Liger)")
+    parser.add_argument("--merge_models", type=int, default=4, help="merge: fine-tuned models merged (plus a base)")
     a = parser.parse_args()
     if a.batch_size is None:
         a.batch_size = 8 if a.what == "train" else 16
-    {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives}[a.what](a)
+    {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives, "merge": bench_merge}[a.what](a)

@@ -85,10 +85,10 @@ class Args:
     """inv_p (paper: divide the kept entries by 1 - p) | l1 (mergekit since 2025: match each tensor's L1 norm)"""
     t: float = 0.5
     """SLERP position: 0 = the first model, 1 = the second"""
-    alpha: float = 0.5
-    """LiNeS: scale of the first block's (and of the non-block tensors') task vector"""
+    alpha: float = -1.0
+    """LiNeS alpha, the first block's (and the non-block tensors') scale; -1 = 0.5 for one model (the paper sweeps 0..1), (||sum_t tau_t||_1 / ||sum_t w_t tau_t||_1) / T for T models (paper and code: 1/T with unit weights)"""
     beta: float = -1.0
-    """LiNeS: added scale at the last block, lambda(l) = alpha + beta (l - 1)/(L - 1); -1 = 1 - alpha (single-task: the last block keeps its update)"""
+    """LiNeS beta, added scale at the last block, lambda(l) = alpha + beta (l - 1)/(L - 1); -1 = 1 - alpha (single task: the last block keeps its update; multi-task: the paper tunes beta)"""
     select_dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "validation.jsonl")
     """greedy soup: the held-out data that orders the ingredients and accepts them (not the test set)"""
     select_samples: int = 0
@@ -111,8 +111,11 @@ def task_arithmetic(base, taus, weights, scaling=1.0, normalize=False):
 
 
 def trim(tau, density, threshold=None):
-    """TIES step 1: keep the top-density fraction of |tau| (k = int(density numel) per tensor, as mergekit), or the
-    entries with |tau| >= a given threshold (the reference code's one threshold over the whole model)."""
+    """TIES step 1: keep the top-density fraction of |tau|, or the entries with |tau| >= a given threshold (the
+    reference code's one threshold over the whole model, `--ties_trim global`). Per tensor, as mergekit 0.1.5
+    (sparsify.py L62-77, `magnitude`): k = int(density numel), the first k of torch's CPU argsort of |tau| in float32,
+    descending. Among equal magnitudes at the threshold (common in bf16 checkpoints: norm weights near 1 move in
+    steps of 2^-7) that argsort, unstable but deterministic, keeps the same entries as mergekit; topk keeps others."""
     if threshold is not None:
         return tau * (tau.abs() >= threshold)
     if density >= 1:
@@ -121,8 +124,29 @@ def trim(tau, density, threshold=None):
     if k == 0:
         raise common.UsageError(f"--density {density} keeps no entry of a tensor with {tau.numel()} elements")
     keep = torch.zeros(tau.numel(), dtype=torch.bool)
-    keep[tau.abs().flatten().topk(k).indices] = True
+    keep[torch.argsort(tau.abs().flatten().float(), descending=True)[:k]] = True
     return tau * keep.view_as(tau)
+
+
+def kth_largest(chunks, k: int) -> torch.Tensor:
+    """The k-th largest (k = 1: the maximum) of the non-negative float32 values in the tensors that `chunks()`
+    yields, equal to torch.kthvalue(n - k + 1) of their concatenation, without concatenating them: a radix select
+    over the IEEE-754 bit patterns, which order non-negative floats as their values. Pass 1 counts the high 16
+    bits, pass 2 the low 16 bits inside the chosen high bucket; `chunks` is called once per pass."""
+    def pick(counts, k):  # the bucket holding the k-th largest, and its rank inside that bucket
+        from_top = counts.flip(0).cumsum(0)
+        b = int(torch.searchsorted(from_top, torch.tensor(k)))
+        return counts.numel() - 1 - b, k - (int(from_top[b - 1]) if b else 0)
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for x in chunks():
+        high += torch.bincount(x.flatten().view(torch.int32) >> 16, minlength=1 << 16)
+    top, k = pick(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for x in chunks():
+        bits = x.flatten().view(torch.int32)
+        low += torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
+    bottom, _ = pick(low, k)
+    return torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32)[0]
 
 
 def ties(base, taus, weights, scaling=1.0, normalize=True):
@@ -166,20 +190,54 @@ def slerp(a, b, t, eps=1e-8, colinear=0.9995):
     return torch.sin((1 - t) * omega) / torch.sin(omega) * a + torch.sin(t * omega) / torch.sin(omega) * b
 
 
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # model.layers.3., GPT-2's transformer.h.3.
+# The residual blocks of the common decoder layouts, and the tensors outside them, in Hugging Face names
+STACK = r"(?:model\.(?:decoder\.|language_model\.)?|transformer\.|gpt_neox\.)?"  # Llama, OPT, VL, GPT-2/MPT, NeoX
+BLOCK = re.compile(STACK + r"(?:layers|h|blocks)\.(\d+)\.")  # model.layers.3., transformer.h.3., transformer.blocks.3.
+OUTSIDE = re.compile(STACK + r"(?:embed_tokens|embed_positions|embed_in|wte|wpe|word_embeddings"
+                     r"|word_embeddings_layernorm|norm|ln_f|norm_f|final_layer_norm|final_layernorm)\.|(?:lm_head|embed_out)\.")
+
+
+def block_of(name: str, num_layers: int):
+    """The 0-based residual block of a tensor name (`model.layers.<i>.`, GPT-2/BLOOM/Falcon `transformer.h.<i>.`,
+    MPT `transformer.blocks.<i>.`, NeoX `gpt_neox.layers.<i>.`, OPT `model.decoder.layers.<i>.`), or None for the
+    tensors outside the blocks (embeddings, final norm, head). Any other name (a vision tower's layers, an extra
+    MTP layer, an unknown layout) is refused: LiNeS cannot place it in depth."""
+    match = BLOCK.match(name)
+    if match and int(match.group(1)) < num_layers:
+        return int(match.group(1))
+    if OUTSIDE.match(name):
+        return None
+    raise common.UsageError(f"--method lines: tensor {name} is neither in one of the {num_layers} decoder blocks "
+                            f"(model.layers.<i>., transformer.h.<i>., transformer.blocks.<i>.) nor an embedding, final "
+                            f"norm or head, so its depth is unknown")
 
 
 def lines_scale(name: str, num_layers: int, alpha: float, beta: float) -> float:
-    """LiNeS (Wang et al. 2025, Eq. 1): lambda(l) = alpha + beta (l - 1)/(L - 1) for block l = 1..L (name matches
-    `layers.<l-1>.` or `h.<l-1>.`; an explicit regex, where the official substring test can mistake `.1.` inside a name);
-    alpha for every tensor outside the blocks (embeddings, final norm, head). L = 1 gives alpha + beta."""
-    match = LAYER.search(name)
-    if not match:
+    """LiNeS (Wang et al. 2025, Eq. 1 of arXiv 2410.17146): lambda(l) = alpha + beta (l - 1)/(L - 1) for block
+    l = 1..L (block_of: l - 1, by an anchored regex, where the official LiNeS_scaling in src/eval/eval.py L56-97
+    tests the substring `.{i}.` and can mistake `.0.` inside `layers.11.mlp.0.`); alpha for every tensor outside the
+    blocks (the official default of the lookup, L93). L = 1 gives alpha + beta."""
+    block = block_of(name, num_layers)
+    if block is None:
         return alpha
-    return alpha + beta * (int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0)
+    return alpha + beta * (block / (num_layers - 1) if num_layers > 1 else 1.0)
+
+
+def lines_alpha(summed_l1: float, merged_l1: float, num_tasks: int) -> float:
+    """LiNeS multi-task alpha: (||sum_t tau_t|| / ||tau_MTL||) / T, the paper's multi-task merging section ("we tune
+    beta and set alpha"; the norm is not named there) and the official code (src/eval/eval.py L119, with L1 norms
+    of the flattened vectors from src/eval/aggregation.py L177-178). tau_MTL here is the weighted sum
+    sum_t w_t tau_t, so with unit weights the ratio is 1 and alpha = 1/T, as the official summed (task arithmetic)
+    merge gives; the shallowest block then gets the mean of the task vectors."""
+    return (summed_l1 / merged_l1) * 1 / num_tasks
 
 
 # METHOD: streaming: read one tensor per model at a time from safetensors (sharded or not), check compatibility
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class Checkpoint:
     """The tensors of a Hugging Face model directory (or hub id), opened lazily with safetensors."""
 
@@ -204,6 +262,16 @@ class Checkpoint:
         except Exception as err:  # SafetensorError: a truncated or corrupt file
             raise common.UsageError(f"{path}: a .safetensors file is corrupt ({str(err).splitlines()[0][:200]})") from None
         self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
+        self.spans = {}  # name -> (file, byte offset, byte length, dtype, shape), from each file's JSON header
+        for f in files:
+            with open(os.path.join(path, f), "rb") as stream:
+                size = int.from_bytes(stream.read(8), "little")
+                header = json.loads(stream.read(size))
+            for name, entry in ((k, v) for k, v in header.items() if k != "__metadata__"):
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
+                    raise common.UsageError(f"{path}: tensor {name} has dtype {entry['dtype']}, which merge.py cannot read")
+                start, end = entry["data_offsets"]
+                self.spans[name] = (f, 8 + size + start, end - start, SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"])
         try:  # the config object: its attribute map reads GPT-2's n_layer as num_hidden_layers
             self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
         except (OSError, ValueError) as err:
@@ -213,7 +281,19 @@ class Checkpoint:
         return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
 
     def get(self, name):
-        return self.handles[self.where[name]].get_tensor(name).float()
+        """The tensor as float32, read with plain file reads into a private buffer (the same bytes as safetensors'
+        get_tensor): the file is not memory-mapped, so the pages read do not stay in this process's resident set."""
+        file, offset, length, dtype, shape = self.spans[name]
+        data = torch.empty(length, dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
+        with open(os.path.join(self.path, file), "rb", buffering=0) as stream:
+            stream.seek(offset)
+            while done < length:  # one read returns at most ~2 GiB
+                got = stream.readinto(view[done:])
+                if not got:
+                    raise common.UsageError(f"{self.path}/{file}: truncated inside tensor {name}")
+                done += got
+        return data.view(dtype).view(shape).float()
 
 
 def check_compatible(checkpoints):
@@ -245,21 +325,50 @@ def tokenizer_hash(path):
     return hashlib.sha256(json.dumps([sorted(tok.get_vocab().items()), tok.all_special_tokens]).encode()).hexdigest()
 
 
+def check_depth(checkpoint):
+    """LiNeS needs every tensor's block: refuse a config without depth or a tensor block_of cannot place."""
+    num_layers = getattr(checkpoint.config, "num_hidden_layers", None)
+    if not num_layers:
+        raise common.UsageError(f"--method lines: the config of {checkpoint.path} has no num_hidden_layers (depth)")
+    for name in sorted(checkpoint.where):
+        block_of(name, num_layers)
+
+
 def merge(args, checkpoints, base, weights, out_state):
     """Write the merge of `checkpoints` (and `base`) into out_state (the output model's own tensors), one tensor
     name at a time, in the checkpoints' on-disk naming: memory is the output model plus one tensor per input.
     Returns the merged tensors that out_state has no such name (and shape) for: transformers 5's fused MoE experts."""
-    method, num_layers = args.method, checkpoints[0].config.num_hidden_layers
+    method, num_layers = args.method, getattr(checkpoints[0].config, "num_hidden_layers", None)
     normalize = {"true": True, "false": False}.get(args.normalize, method in ("linear", "uniform", "ties"))
     density = args.density if args.density >= 0 else {"ties": 0.2, "dare_linear": 0.1, "dare_ties": 0.1}.get(method, 1.0)
     generator = torch.Generator().manual_seed(args.seed)
-    thresholds, pending = None, {}
-    if method == "ties" and args.ties_trim == "global" and density < 1:  # one model's |tau| at a time
+    names, thresholds, pending = sorted(checkpoints[0].where), None, {}
+    if method == "ties" and args.ties_trim == "global" and density < 1:
+        # the reference code's topk_values_mask (LiNeS repo src/utils/utils.py L287-309): over the model's flattened
+        # |tau|, keep |tau| >= its (n - int(density n))-th smallest value, i.e. the (int(density n) + 1)-th largest;
+        # found by kth_largest's two streamed passes, one tensor at a time
         thresholds = []
         for c in checkpoints:
-            mags = torch.cat([(c.get(n) - base.get(n)).abs().flatten() for n in sorted(c.where)])
-            thresholds.append(mags.kthvalue(max(1, mags.numel() - int(density * mags.numel()) + 1)).values)
-    for name in sorted(checkpoints[0].where):
+            n = sum(math.prod(c.shape(name)) for name in names)
+            thresholds.append(kth_largest(lambda: ((c.get(name) - base.get(name)).abs() for name in names), int(density * n) + 1))
+    if method == "lines":
+        check_depth(checkpoints[0])
+        alpha, beta = args.alpha, args.beta
+        if alpha < 0 and len(checkpoints) == 1:
+            alpha = 0.5
+        elif alpha < 0 and all(w == 1 for w in weights):
+            alpha = lines_alpha(1.0, 1.0, len(checkpoints))  # the two norms are of the same sum
+        elif alpha < 0:  # one streamed pass for ||sum_t tau_t||_1 and ||sum_t w_t tau_t||_1
+            summed_l1 = merged_l1 = 0.0
+            for name in names:
+                theta0 = base.get(name)
+                taus = [c.get(name) - theta0 for c in checkpoints]
+                summed_l1 += sum(taus).abs().sum(dtype=torch.float64).item()
+                merged_l1 += sum(w * t for w, t in zip(weights, taus)).abs().sum(dtype=torch.float64).item()
+            alpha = lines_alpha(summed_l1, merged_l1, len(checkpoints))
+        beta = beta if beta >= 0 else 1 - alpha
+        print0(f"LiNeS: lambda from alpha {alpha:.6g} (first block, non-block tensors) to alpha + beta {alpha + beta:.6g}")
+    for name in names:
         tensors = [c.get(name) for c in checkpoints]
         if method in ("uniform", "linear"):
             merged = linear(tensors, weights, normalize)
@@ -278,8 +387,7 @@ def merge(args, checkpoints, base, weights, out_state):
                 merged = task_arithmetic(theta0, [dare(tau, density, generator, args.dare_rescale) for tau in taus],
                                          weights, args.scaling, normalize)
             elif method == "lines":
-                beta = args.beta if args.beta >= 0 else 1 - args.alpha
-                merged = theta0 + lines_scale(name, num_layers, args.alpha, beta) * sum(w * t for w, t in zip(weights, taus))
+                merged = theta0 + lines_scale(name, num_layers, alpha, beta) * sum(w * t for w, t in zip(weights, taus))
             else:
                 merged = task_arithmetic(theta0, taus, weights, args.scaling, normalize)
         if not torch.isfinite(merged).all():
@@ -331,9 +439,10 @@ def evaluate(model, tokenizer, eval_sets, rt, args):
 # METHOD: greedy soup (official model-soups main.py): best first, keep an ingredient only if the soup improves
 def greedy_soup(scores: list, score_of_mean) -> tuple:
     """scores[i]: ingredient i's held-out score (higher is better); score_of_mean(indices) scores their uniform
-    average. Sorted by score, descending; a single pass; an ingredient is kept only if the soup's score strictly
-    rises (the official code's `>`; the paper's Algorithm 1 writes >=). Returns (kept indices, score, log)."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    average. Sorted by score, descending, as the official main.py L152-153 (a stable ascending sort, reversed: among
+    equal scores the later ingredient comes first); a single pass; an ingredient is kept only if the soup's score
+    strictly rises (L181 `>`; the paper's Algorithm 1 writes >=). Returns (kept indices, score, log)."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])[::-1]  # official L152-153: among equal scores, the later first
     kept, best, log = [order[0]], scores[order[0]], []
     for i in order[1:]:
         candidate = score_of_mean(kept + [i])
@@ -343,7 +452,25 @@ def greedy_soup(scores: list, score_of_mean) -> tuple:
     return kept, best, log
 
 
+def check_merge_args(args):
+    """The method's flags, before anything is loaded or written: one error line naming the flag."""
+    for flag, allowed in (("normalize", ("auto", "true", "false")), ("ties_trim", ("tensor", "global")),
+                          ("dare_rescale", ("inv_p", "l1")), ("greedy_metric", ("accuracy", "loss"))):
+        if getattr(args, flag) not in allowed:
+            raise common.UsageError(f"--{flag} must be one of {', '.join(allowed)}, got {getattr(args, flag)!r}")
+    for flag in ("alpha", "beta"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 and value != -1:
+            raise common.UsageError(f"--{flag} must be >= 0, or -1 for its default, got {value}")
+        if value != -1 and args.method != "lines":
+            raise common.UsageError(f"--{flag} is LiNeS' (--method lines), not --method {args.method}'s")
+    if args.method == "lines" and (args.scaling != 1 or args.normalize != "auto"):
+        raise common.UsageError("--method lines scales the summed task vector by alpha + beta (l - 1)/(L - 1) alone: "
+                                "leave --scaling at 1 and --normalize at auto (LiNeS' beta takes lambda's role)")
+
+
 def main(args):
+    check_merge_args(args)
     # COMMON: seed, device
     rt = common.setup_distributed(args.device)
     common.prepare_output_dir(args.output_dir, "", args.overwrite, rt)  # before anything is loaded
@@ -378,6 +505,8 @@ def main(args):
     checkpoints = [Checkpoint(p, args.trust_remote_code) for p in paths]
     base = Checkpoint(args.base, args.trust_remote_code) if needs_base else None
     check_compatible(checkpoints + ([base] if base else []))
+    if args.method == "lines":
+        check_depth(checkpoints[0])
 
     # COMMON: the output model (the donor's config and tokenizer: the base, else the first model) and eval data
     model, tokenizer = common.load_model(base.path if base else checkpoints[0].path, args.dtype, rt.device, args.trust_remote_code)

@@ -135,6 +135,52 @@ def test_ties_matches_the_slow_elementwise_rule_and_reduces_to_task_arithmetic()
     # the global trim (TIES reference code): one threshold for the whole model
     t = taus[0]
     assert int((merge.trim(t, 0.25, threshold=t.abs().flatten().sort().values[-15]) != 0).sum()) == 15
+    # bf16-like ties at the threshold: exactly k kept, never a smaller magnitude over a larger one
+    tied = torch.randint(-6, 7, (64,), generator=g).double() * 2 ** -7
+    kept = merge.trim(tied, 0.25) != 0
+    assert int(kept.sum()) == 16 and tied[kept].abs().min() >= tied[~kept].abs().max()
+
+
+def test_kth_largest_streams_what_kthvalue_finds_on_the_concatenation():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(4):  # magnitudes from 1e-6 to 1e3, with and without many ties, and zeros
+        parts = [torch.rand(int(torch.randint(1, 200, (1,), generator=g)), generator=g) * 10.0 ** (3 * trial - 6) for _ in range(3)]
+        if trial % 2:
+            parts = [(p * 2 ** 7).floor() * 2 ** -7 for p in parts]
+        x = torch.cat(parts)
+        for k in (1, 2, x.numel() // 3 + 1, x.numel()):
+            assert torch.equal(merge.kth_largest(lambda: iter(parts), k), x.kthvalue(x.numel() - k + 1).values)
+
+
+def test_global_trim_is_the_reference_codes_topk_values_mask(tmp_path, tiny_gpt2):
+    """--ties_trim global against the reference topk_values_mask (LiNeS src/utils/utils.py L287-309, re-typed):
+    kthvalue of the flattened |tau| at n - int(n K), keep |tau| >= it."""
+    base, a, b = tiny_gpt2
+    tb, ta, tbb = tensors(base), tensors(a), tensors(b)
+    names = sorted(tb)
+    flat = torch.stack([torch.cat([(t[k] - tb[k]).flatten() for k in names]) for t in (ta, tbb)])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * 0.3), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    out = run_merge(tmp_path, "ties", [a, b], base, density=0.3, ties_trim="global", normalize="false")
+    start = 0
+    for k in names:
+        n = tb[k].numel()
+        want = merge.ties(tb[k], [trimmed[i, start:start + n].view_as(tb[k]) for i in range(2)], [1.0, 1.0], 1.0, False)
+        assert torch.equal(out[k], want), k
+        start += n
+
+
+def test_checkpoint_reads_the_same_bytes_as_safetensors(tmp_path, finetuned):
+    _, (_, sharded, _) = finetuned
+    t = {k: v.to(torch.bfloat16) if i % 2 else v for i, (k, v) in enumerate(sorted(load_file(os.path.join(BASE, "model.safetensors")).items()))}
+    path = make_model(tmp_path / "bf16", t, shards=3)
+    for p in (path, sharded):
+        c, want = merge.Checkpoint(p), {}
+        for f in os.listdir(p):
+            if f.endswith(".safetensors"):
+                want.update(load_file(os.path.join(p, f)))
+        assert set(c.where) == set(want) and all(torch.equal(c.get(k), want[k].float()) for k in want)
 
 
 def test_dare_identity_expectation_norm_and_seed():
@@ -158,12 +204,56 @@ def test_lines_scales_the_task_vector_linearly_with_depth(tmp_path, finetuned):
     assert all(torch.allclose(v, tb[k], atol=1e-6) for k, v in run_merge(tmp_path, "lines", [a], base, alpha=0.0, beta=0.0).items() if k in tb)
     out = run_merge(tmp_path, "lines", [a], base, alpha=0.2)  # single-task: beta = 1 - alpha
     for k in tb:
-        layer = merge.LAYER.search(k)
-        scale = 0.2 + 0.8 * int(layer.group(1)) / 3 if layer else 0.2
+        layer = k.split(".")[2] if k.startswith("model.layers.") else None
+        scale = 0.2 + 0.8 * int(layer) / 3 if layer else 0.2
         torch.testing.assert_close(out[k], tb[k] + scale * (ta[k] - tb[k]), atol=1e-6, rtol=1e-6)
     assert merge.lines_scale("model.layers.3.mlp.up_proj.weight", 4, 0.2, 0.8) == 1.0
     assert merge.lines_scale("model.layers.11.mlp.0.weight", 12, 0.0, 1.0) == 1.0  # not block 1 (substring trap)
     assert merge.lines_scale("model.norm.weight", 4, 0.2, 0.8) == 0.2
+
+
+def official_lines_alpha(taus, merged):
+    """The official multi-task alpha (LiNeS src/eval/aggregation.py L177-178, src/eval/eval.py L119), on flat vectors."""
+    flat = torch.stack([torch.cat([t[k].flatten() for k in sorted(t)]) for t in taus])
+    merged = torch.cat([merged[k].flatten() for k in sorted(merged)])
+    return (flat.sum(dim=0).abs().sum().item() / merged.abs().sum().item()) * 1 / len(taus)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """Three tiny GPT-2 models (tests/archs.py, 2 blocks transformer.h.<i>.): a base and two others."""
+    root = tmp_path_factory.mktemp("gpt2")
+    return [archs.make("gpt2", root / f"g{seed}", seed) for seed in range(3)]
+
+
+def test_lines_multi_task_alpha_is_the_official_norm_ratio_over_T(tmp_path, tiny_gpt2):
+    base, *paths = tiny_gpt2
+    tb, tf = tensors(base), [tensors(p) for p in paths]
+    taus = [{k: t[k].double() - tb[k].double() for k in tb} for t in tf]
+    for weights in ([1.0, 1.0], [1.0, 0.5]):
+        merged = {k: sum(w * t[k] for w, t in zip(weights, taus)) for k in tb}
+        alpha = official_lines_alpha(taus, merged)
+        if weights == [1.0, 1.0]:
+            assert alpha == 1 / 2 and merge.lines_alpha(1.0, 1.0, 2) == 1 / 2  # the summed merge: exactly 1/T
+        out = run_merge(tmp_path, "lines", paths, base, weights=",".join(map(str, weights)), beta=0.3)
+        for k in tb:  # block 0 and the non-block tensors get alpha, block 1 (the last) alpha + beta
+            scale = alpha + 0.3 * (k.startswith("transformer.h.1."))
+            torch.testing.assert_close(out[k].double(), tb[k].double() + scale * merged[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_block_of_places_the_common_layouts_and_refuses_the_rest():
+    placed = {"model.layers.7.self_attn.q_proj.weight": 7, "transformer.h.3.attn.c_attn.weight": 3,
+              "transformer.blocks.2.ffn.up_proj.weight": 2, "gpt_neox.layers.5.mlp.dense_h_to_4h.bias": 5,
+              "model.decoder.layers.1.fc1.weight": 1, "model.language_model.layers.0.mlp.up_proj.weight": 0,
+              "model.layers.11.mlp.0.weight": 11, "model.embed_tokens.weight": None, "transformer.wte.weight": None,
+              "transformer.wpe.weight": None, "transformer.ln_f.weight": None, "transformer.norm_f.weight": None,
+              "model.norm.weight": None, "lm_head.weight": None, "embed_out.weight": None,
+              "transformer.word_embeddings_layernorm.bias": None, "model.decoder.final_layer_norm.weight": None}
+    assert {name: merge.block_of(name, 12) for name in placed} == placed
+    for name in ("model.vision_tower.encoder.layers.3.mlp.fc1.weight", "model.layers.12.mlp.up_proj.weight",
+                 "transformer.h.3", "encoder.block.0.layer.0.SelfAttention.q.weight", "model.mtp.norm.weight"):
+        with pytest.raises(common.UsageError, match=f"tensor {name} is neither in one of the 12 decoder blocks"):
+            merge.block_of(name, 12)
 
 
 def test_greedy_soup_keeps_only_improvements_and_is_never_worse_than_its_best_ingredient():
@@ -176,7 +266,10 @@ def test_greedy_soup_keeps_only_improvements_and_is_never_worse_than_its_best_in
         accepted = [e["candidate_score"] for e in log if e["accepted"]]
         assert accepted == sorted(accepted) and all(s > max(scores) for s in accepted)
         assert all(not e["accepted"] for e in log if e["candidate_score"] <= max([max(scores)] + [a for a in accepted if a < e["candidate_score"]]))
-    assert merge.greedy_soup([0.5, 0.5], lambda idx: 0.5)[0] == [0]  # equal is not better (official `>`)
+    assert merge.greedy_soup([0.5, 0.5], lambda idx: 0.5)[0] == [1]  # equal is not better (official `>`)
+    # ties: the official stable ascending sort, reversed, puts the later of two equal scores first
+    kept, _, log = merge.greedy_soup([0.40, 0.415, 0.415, 0.38], lambda idx: 0.0)
+    assert kept == [2] and [e["ingredient"] for e in log] == [1, 0, 3]
 
 
 def test_greedy_soup_script_writes_a_loadable_model_and_logs_each_decision(tmp_path, finetuned):
@@ -213,6 +306,24 @@ def test_mismatched_inputs_are_refused_by_tensor_name_and_nothing_is_written(tmp
         merge.check_compatible([merge.Checkpoint(a), merge.Checkpoint(other_vocab)])
     with pytest.raises(common.UsageError, match="needs --base"):
         merge.main(merge.Args(method="ties", models=a, output_dir=str(tmp_path / "o")))
+
+
+def test_method_flags_are_checked_before_anything_is_loaded_or_written(tmp_path, finetuned):
+    base, (a, _, _) = finetuned
+    out = str(tmp_path / "o")
+    for flags, message in [(dict(method="uniform", alpha=0.3), "--alpha is LiNeS' .*not --method uniform's"),
+                           (dict(method="lines", beta=-0.5), "--beta must be >= 0, or -1 for its default, got -0.5"),
+                           (dict(method="lines", scaling=0.5), "leave --scaling at 1 and --normalize at auto"),
+                           (dict(method="lines", normalize="true"), "leave --scaling at 1 and --normalize at auto"),
+                           (dict(method="ties", ties_trim="Global"), "--ties_trim must be one of tensor, global, got 'Global'"),
+                           (dict(method="greedy", greedy_metric="acc"), "--greedy_metric must be one of accuracy, loss")]:
+        with pytest.raises(common.UsageError, match=message):
+            merge.main(merge.Args(models="/nonexistent", base="/nonexistent", output_dir=out, **flags))
+    t = load_file(os.path.join(BASE, "model.safetensors"))  # LiNeS cannot place a vision tower's layer: refused
+    odd = make_model(tmp_path / "odd", {**t, "model.vision_tower.layers.0.weight": torch.zeros(2)})
+    with pytest.raises(common.UsageError, match="tensor model.vision_tower.layers.0.weight is neither in one of the 4"):
+        merge.main(merge.Args(method="lines", models=odd, base=odd, output_dir=out, eval_datasets=""))
+    assert not os.path.exists(out)
 
 
 @pytest.fixture(scope="module")
@@ -261,15 +372,46 @@ def test_gpt2_merges_with_its_own_config_names_and_lines_scales_its_h_blocks(tmp
 
 
 MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+REPLAY = """import hashlib, sys, torch
+import mergekit.sparsify as sparsify
+masks = torch.load(sys.argv[1])
+def replayed(tensor, density, rescale_norm=None):  # merge.py's mask for this delta, found by its bytes
+    mask = masks[hashlib.sha256(tensor.float().contiguous().numpy().tobytes()).hexdigest()]
+    return sparsify.rescaled_masked_tensor(tensor, mask.to(tensor.dtype), rescale_norm)
+sparsify.bernoulli = replayed
+from mergekit.scripts.run_yaml import main
+sys.argv = ["mergekit-yaml"] + sys.argv[2:]
+main()
+"""
+
+
+def dare_masks(models, base, density, seed=0):
+    """merge.py's DARE masks (the generator's order: sorted tensor names, then models), keyed by the delta's bytes."""
+    import hashlib
+    generator, tb, inputs, masks = torch.Generator().manual_seed(seed), tensors(base), [tensors(m) for m in models], {}
+    for k in sorted(tb):
+        for t in inputs:
+            delta = (t[k] - tb[k]).contiguous()
+            masks[hashlib.sha256(delta.numpy().tobytes()).hexdigest()] = (torch.rand(delta.shape, generator=generator) < density).float()
+    return masks
 
 
 @pytest.mark.skipif(not MERGEKIT, reason="mergekit not installed (mergekit-yaml not on PATH, MERGEKIT_YAML not set)")
 @pytest.mark.parametrize("method,extra", [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.5}),
-                                          ("slerp", {"t": 0.3}), ("dare_linear", {"density": 1.0}), ("dare_ties", {"density": 1.0})])
-def test_same_tensors_as_mergekit_defaults(tmp_path, finetuned, method, extra):
-    """mergekit-yaml with its defaults (float32) against merge.py's rule, tensor by tensor."""
+                                          ("ties_bf16", {"density": 0.5}), ("slerp", {"t": 0.3}),
+                                          ("dare_linear", {"density": 1.0}), ("dare_ties", {"density": 1.0}),
+                                          ("dare_linear", {"density": 0.3, "dare_rescale": "l1"}),
+                                          ("dare_ties", {"density": 0.3, "dare_rescale": "l1"})])
+def test_same_tensors_as_mergekit_bit_for_bit(tmp_path, finetuned, method, extra):
+    """mergekit-yaml 0.1.5 with its defaults (float32) against merge.py's rule: every tensor bit-identical. TIES also
+    with a bf16 input, whose norm weights tie at the trim threshold (the same argsort keeps the same entries); DARE
+    below density 1 with mergekit's bernoulli replaced by merge.py's masks (REPLAY), so all that differs is the RNG."""
     import subprocess
     base, (a, b, c) = finetuned
+    if method == "ties_bf16":
+        method, t, g = "ties", tensors(a), torch.Generator().manual_seed(9)
+        t.update({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in t.items() if k.endswith("norm.weight")})
+        a = make_model(tmp_path / "a_bf16", {k: v.to(torch.bfloat16) for k, v in t.items()})  # norms near 1: |tau| ties
     models = [a, b] if method == "slerp" else [a, b, c]
     weights = [1.0, 1.0] if method == "slerp" else [1.0, 0.5, 2.0]
     per_model = {"weight": None} if method == "slerp" else {}
@@ -282,16 +424,20 @@ def test_same_tensors_as_mergekit_defaults(tmp_path, finetuned, method, extra):
         config["base_model"] = base
     with open(tmp_path / "config.yml", "w") as f:
         json.dump(config, f)  # JSON is YAML
-    proc = subprocess.run([MERGEKIT, str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer",
-                           "--no-write-model-card", "--random-seed", "0", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    command = [MERGEKIT]
+    if extra.get("density", 1) < 1 and method.startswith("dare"):
+        torch.save(dare_masks(models, base, extra["density"]), tmp_path / "masks.pt")
+        with open(MERGEKIT) as f:  # the interpreter of mergekit's entry point
+            python = f.readline()[2:].strip()
+        (tmp_path / "replay.py").write_text(REPLAY)
+        command = [python, str(tmp_path / "replay.py"), str(tmp_path / "masks.pt")]
+    proc = subprocess.run(command + [str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer",
+                                     "--no-write-model-card", "--random-seed", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = tensors(str(tmp_path / "mk"))
     ours = run_merge(tmp_path, method, models, "" if method in ("linear", "slerp") else base,
                      weights="" if method == "slerp" else ",".join(map(str, weights)), **extra)
     assert set(theirs) == set(ours)
     for k in ours:
-        close = torch.isclose(ours[k], theirs[k], atol=1e-6, rtol=1e-5)
-        if method == "ties":  # equal magnitudes at the trim threshold are kept in a different order (argsort vs topk)
-            assert (~close).sum() <= max(2, 1e-4 * close.numel()), k
-        else:
-            assert close.all(), k
+        assert torch.equal(ours[k], theirs[k]), (k, (ours[k] - theirs[k]).abs().max().item())
