@@ -228,7 +228,7 @@ class LogProgress:
 
     def __init__(self, desc: str, total: int, unit: str, delay: float = 10, every: float = 30):
         self.desc, self.total, self.unit, self.delay, self.every = desc, total, unit, delay, every
-        self.n, self.start, self.shown = 0, time.time(), None
+        self.n, self.start, self.shown, self.shown_n = 0, time.time(), None, None
 
     def update(self, n: int = 1):
         self.n += n
@@ -237,13 +237,14 @@ class LogProgress:
             self.show(now)
 
     def show(self, now):
-        self.shown, elapsed = now, now - self.start
+        self.shown, self.shown_n, elapsed = now, self.n, now - self.start
         eta = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
         print(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / max(self.total, 1):.0f}%) | "
               f"{elapsed:.0f}s elapsed | eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def close(self):
-        if self.total is not None and (self.shown is not None or time.time() - self.start >= self.delay):
+        if self.total is not None and (self.shown is not None or time.time() - self.start >= self.delay) \
+                and self.shown_n != self.n:  # the last count not shown yet
             self.show(time.time())
         self.total = None  # closed: a second close prints nothing
 

@@ -47,6 +47,8 @@ class Args:
     """where the merged model (final/) and metrics.jsonl go"""
     overwrite: bool = False
     """replace what a previous merge left in output_dir (refused otherwise)"""
+    report_to: str = "none"
+    """mirror metrics.jsonl to a tracker: none | tensorboard | wandb | trackio (optional extras: requirements-extras.txt)"""
     seed: int = 0
     """seed of DARE's masks and of evaluation"""
     dtype: str = "float32"
@@ -518,7 +520,7 @@ def main(args):
             raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
         examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
         eval_sets[name] = examples[: args.eval_samples or None]
-    logger = common.MetricsLogger(args.output_dir, rt, 0)
+    logger = common.MetricsLogger(args.output_dir, rt, 0, report_to=args.report_to)
     logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size})
 
     # METHOD: merge (greedy: score every ingredient and each candidate soup on the held-out set first)
@@ -551,10 +553,10 @@ def main(args):
     else:
         merge_into_model(args, checkpoints, base, weights)
 
-    # COMMON: evaluate and save (the whole directory appears at once, or not at all)
+    # COMMON: save (the whole directory appears at once, or not at all), then evaluate
     model.config.merge = {"method": args.method, "models": paths, "base": args.base, "weights": weights}
-    final = evaluate(model, tokenizer, eval_sets, rt, args)
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt)
+    final = evaluate(model, tokenizer, eval_sets, rt, args)  # after saving: a crash here loses nothing
     logger.log({"event": "eval_after", **final, "peak_memory_gib": common.peak_memory_gib(rt.device)})
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
 

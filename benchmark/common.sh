@@ -60,7 +60,7 @@ hub_data() {  # hub_data <id>[:config] <split>: the hub source (the runs read it
 MODEL=$(hub_model "$MODEL")
 export MODEL
 
-micro() {  # micro <global batch>: samples per forward pass per GPU, at most MICRO (results do not depend on it)
+micro() {  # micro <global batch>: samples per forward pass per GPU, at most MICRO (results do not depend on it but drift.py's)
   local m=$(( $1 / NPROC ))
   if [ "$m" -gt "$MICRO" ]; then m=$MICRO; fi
   echo "$m"
@@ -70,10 +70,14 @@ first() {  # first <seed>: true for the first seed (it also scores the starting 
   if [ "$1" = "$FIRST_SEED" ]; then echo true; else echo false; fi
 }
 
+finished() {  # finished <run dir>: its final evaluation is logged (final/ is saved just before it)
+  [ -d "$1/final" ] && grep -qF '"event": "eval_after"' "$1/metrics.jsonl" 2>/dev/null
+}
+
 launch() {  # launch <run dir> <command...>: run it with --output_dir <run dir>, unless that run has finished
   local dir=$1
   shift
-  if [ -d "$dir/final" ]; then  # final/ is written after the last evaluation
+  if finished "$dir"; then
     echo "== $dir has finished: skipped (delete it to run it again)"
     return 0
   fi
@@ -85,7 +89,7 @@ launch() {  # launch <run dir> <command...>: run it with --output_dir <run dir>,
 need_sft() {  # the SFT runs of benchmark/sft.sh ($OUT/sft_s<seed>, same MODEL): trained now if one is missing
   local seed
   for seed in $SEEDS; do
-    if [ ! -d "$OUT/sft_s$seed/final" ]; then
+    if ! finished "$OUT/sft_s$seed"; then
       bash benchmark/sft.sh
       break
     fi
