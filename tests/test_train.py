@@ -1,4 +1,5 @@
 """sft.py end to end in subprocesses: golden losses, split/process invariance, resume, round trip, bad flags."""
+import importlib.util
 import os
 import shlex
 import signal
@@ -68,7 +69,9 @@ def test_the_frameworks_optimizer_is_two_flags_away(reference, tmp_path):
     lrs = lambda out: [r["lr"] for r in records(out) if "loss" in r]
     floor = [min((s + 1) / 1, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 6))) * 1e-3 for s in range(6)]
     assert lrs(reference) == pytest.approx(floor, rel=1e-6)
-    run(tmp_path / "hf", "--adam_beta2", "0.999", "--min_lr_ratio", "0", "--warmup_ratio", "0")
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # and --report_to end to end, where installed
+    run(tmp_path / "hf", "--adam_beta2", "0.999", "--min_lr_ratio", "0", "--warmup_ratio", "0",
+        *(["--report_to", "tensorboard"] if tensorboard else []))
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=6)
     hf = []
@@ -79,6 +82,12 @@ def test_the_frameworks_optimizer_is_two_flags_away(reference, tmp_path):
     assert lrs(tmp_path / "hf") == pytest.approx(hf, rel=1e-6)
     got = losses(tmp_path / "hf")
     assert got[0] == pytest.approx(GOLDEN[0], abs=1e-6) and abs(got[2] - GOLDEN[2]) > 1e-4
+    if tensorboard:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(tmp_path / "hf" / "tensorboard"))
+        events.Reload()
+        assert [e.value for e in events.Scalars("loss")] == pytest.approx(got)
+        assert [e.step for e in events.Scalars("lr")] == [1, 2, 3, 4, 5, 6]
 
 
 def step_gradients(out, micro, nproc=1, *extra):
