@@ -16,8 +16,9 @@ Usage:
     python roste.py --qat false --rotation none     # SFT, then round-to-nearest quantization (the "RTN" baseline)
     python roste.py --qat false                     # SFT, then rotation + RTN (QuaRot-style post-training quantization)
     python roste.py --model runs/sft/final --steps 0 --qat false   # quantize and evaluate an existing model
-    torchrun --nproc_per_node 8 roste.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/tldr --dtype bfloat16 \
-        --eval_datasets tldr=trl-lib/tldr --lr 1e-5 --batch_size 64 --max_length 1024
+    torchrun --nproc_per_node 8 roste.py --model Qwen/Qwen2.5-0.5B --dataset trl-lib/tldr --dtype bfloat16 \
+        --eval_datasets tldr=trl-lib/tldr --lr 5e-5 --batch_size 128 --warmup_ratio 0 --min_lr_ratio 0 \
+        --adam_beta2 0.999 --max_length 2048 --steps <rows / 128>   # the official Qwen2.5-0.5B recipe, 1 epoch
     # the saved model is the latent full-precision one (R1 and norms folded, loads with from_pretrained);
     # roste.load_quantized(dir) adds the quantizers and rotations recorded in its config.json ("roste").
 """
@@ -110,7 +111,7 @@ class Args:
     trust_remote_code: bool = False
     """allow model code from the hub (off unless asked)"""
 
-    # METHOD: RoSTE (defaults follow the official code where the paper's recipe is unknown; see the spec)
+    # METHOD: RoSTE (where the paper gives no value, the official code's: Hong-Lab-UMN-ECE/RoSTE @055f255)
     qat: bool = True
     """quantization-aware SFT (quantize from step 0); false = train in full precision, then quantize (the PTQ baselines)"""
     rotation: str = "adaptive"
@@ -127,14 +128,18 @@ class Args:
     """symmetric activation grid"""
     kv_sym: bool = False
     """symmetric key/value grid"""
-    w_clip: float = 1.0
-    """weight clip ratio c in (0, 1]: the range is c * [min, max]"""
-    a_clip: float = 1.0
-    """activation clip ratio"""
-    kv_clip: float = 1.0
-    """key/value clip ratio"""
+    w_clip: float = 0.95
+    """weight clip ratio c in (0, 1], the range is c * [min, max]; 0.95 as the official *_qa_sft_roste.yaml recipes"""
+    a_clip: float = 0.95
+    """activation clip ratio (0.95, the official recipes)"""
+    kv_clip: float = 0.95
+    """key/value clip ratio (0.95, the official recipes)"""
+    search_quantizer: str = "symmetric"
+    """rotation search's quantizer: symmetric (symmetric, clip 1, training bits: the official search) | train (training's)"""
+    search_batches: str = "random"
+    """search input: random (random training samples, prompt + response) | official (first prompts, eos-padded to 512)"""
     search_samples: int = 128
-    """training samples of the rotation search (one forward with R2-R4 off, one with them on)"""
+    """samples of the rotation search (one forward with R2-R4 off, one with them on; official: 128)"""
     search_decimals: int = -1
     """round the search's errors to this many decimals before comparing (official script: 4); -1 = exact numbers"""
     rotation_seed: int = 42
@@ -152,12 +157,16 @@ class Quantizer:
 
 
 def fake_quantize(x, q: Quantizer, eps: float = 1e-8):
-    """Round-to-nearest fake quantization over the last dimension (RoSTE Sec. 2, official models/quant_linear.py):
+    """Round-to-nearest fake quantization over the last dimension (RoSTE Sec. 2, official quant_utils/quant_linear.py):
     every row (a weight's output channel, an activation's token, a key's or value's token and head) has its own
     dynamic scale s, recomputed at every call; b = q.bits (>= 16: identity), c = q.clip.
       symmetric:  s = c max|x| / (2^(b-1) - 1),        Q(x) = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) s
       asymmetric: s = c (max x - min x) / (2^b - 1),  z = round(-c min x / s),  Q(x) = (clamp(round(x / s) + z, 0, 2^b - 1) - z) s
-    s is clamped to >= eps: our guard, the official code gives NaN on an all-zero row. At least float32 inside, x's dtype out."""
+    The same operations in the same order as the official QuantizePerChannel / QuantizePerToken / Quantize_K /
+    Quantize_V (quant_utils/quant_linear.py l.39-171), so bit for bit equal in float32 and float64, but for two things:
+    s is clamped to >= eps (our guard: the official code gives NaN on an all-zero or asymmetric constant row), and
+    the arithmetic is at least float32 (x's dtype out), where the official works in x's dtype, so in bf16 runs its
+    scale, zero point and rounding are bf16 and ours float32."""
     if q.bits >= 16:
         return x
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -376,14 +385,21 @@ def fuse_norms(model):
         norm.weight.fill_(1.0 - c)
 
 
+def r1_matrix(d: int, seed: int):
+    """R1 = diag(s) H / sqrt(d), float64, s in {-1, +1}^d from torch.randint(0, 2, (d,)) on a CPU generator seeded
+    `seed`: the official draw (rotation_utils/main.py l.50 set_seed(42), then hadamard.py l.20-23 random_hadamard_matrix
+    on the global generator; fuse_layer_norms draws nothing in between), so the signs are the official ones, and for a
+    power-of-2 d so is R1 (for other d the Hadamard factor is Paley's here, Sloane's tables there: both orthogonal)."""
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    return signs[:, None] * hadamard_matrix(d)
+
+
 @torch.no_grad()
 def rotate_residual(model, seed: int):
     """R1, fused offline: the residual stream x becomes x R1 with R1 = diag(s) H / sqrt(d), s random signs (seed).
     Readers of the stream (q, k, v, gate, up, LM head): W <- W R1. Writers (embeddings E <- E R1; o_proj and
     down_proj W <- R1^T W, b <- b R1). Float64 inside. Needs fuse_norms first (a gain would not commute with R1)."""
-    d = model.config.hidden_size
-    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
-    r1 = signs[:, None] * hadamard_matrix(d)
+    r1 = r1_matrix(model.config.hidden_size, seed)
 
     def apply(param, left):
         r = r1.to(param.device)
@@ -435,8 +451,9 @@ def roste_attention(module, query, key, value, attention_mask, **kwargs):
     if module.rotate_v:
         value = hadamard(value)
     key_q, value_q = quantize(key, module.kv_quant), quantize(value, module.kv_quant)
-    if module.errors is not None:
+    if module.errors is not None:  # the official logging sites: modeling_qwen2_rq_online.py l.295-301
         module.errors[(module.layer_idx, "R3")] += mse(key_q, key)
+        module.errors[(module.layer_idx, "R2")] += mse(value_q, value)  # added to o_proj's: R2's error
     return sdpa_attention_forward(module, query, key_q, value_q, attention_mask, **kwargs)
 
 
@@ -491,10 +508,16 @@ def full_precision(model):
 # METHOD: adaptive rotation, the upper level of RoSTE's bilevel problem, solved once before training (official code)
 def select_rotations(errors_off: dict, errors_on: dict, decimals: int = -1) -> dict:
     """Per layer l and rotation r: on iff err_on(l, r) < err_off(l, r); a tie keeps it off. err is the quantization
-    error the rotation acts on, mean (Q(W~) - W~)^2 + mean (Q(X~) - X~)^2 at the linear it feeds (R2: o_proj, R4:
-    down_proj), and for R3 the key cache's mean (Q(K~) - K~)^2 (our reading: the official R3 logging site was not
-    available). The official script rounds to 4 decimals and compares the formatted strings, which misorders values
-    >= 10; we compare numbers, rounded first only when decimals >= 0."""
+    error the rotation acts on, as the official search logs it (no equation in the paper): with
+    e(W, X) = mean (Q(W~) - W~)^2 + mean (Q(X~) - X~)^2 at a linear (W~, X~ its weight and input, rotated or not),
+      R2: e at o_proj + the value cache's mean (Q(V~) - V~)^2 (quant_r_linear.py l.132-136 "R2, w_attn_o" and
+          modeling_qwen2_rq_online.py l.299-301 "R2, value", summed per (layer, R) by
+          rotate_model_r234_search_config.py l.26-29),
+      R3: the key cache's mean (Q(K~) - K~)^2 (modeling_qwen2_rq_online.py l.295-297),
+      R4: e at down_proj (quant_r_linear.py l.46-50).
+    The official script writes each error with 6 decimals, rounds the sums to 4 and compares the formatted strings
+    (rotate_model_r234_search_config.py l.36, l.96: "15.4299" <= "3.9750"), which misorders values >= 10; we compare
+    numbers, rounded to `decimals` first when decimals >= 0 (a deliberate fix, not a flag)."""
     rounded = (lambda v: round(v, decimals)) if decimals >= 0 else (lambda v: v)
     config = {}
     for (layer, kind), off in sorted(errors_off.items()):
@@ -505,8 +528,9 @@ def select_rotations(errors_off: dict, errors_on: dict, decimals: int = -1) -> d
 @torch.no_grad()
 def search_rotations(model, batches, decimals: int = -1):
     """One forward over the search batches with R2-R4 all off and one with them all on, each logging the errors of
-    select_rotations per (layer, rotation) (summed over batches; padding positions count, as in the official
-    script); then each switch takes the better setting. Returns (config, [errors off, errors on])."""
+    select_rotations per (layer, rotation), averaged over the batches (padding positions count, as in the official
+    script; with the official batches, all 512 long, this is the official one-forward mean); then each switch takes
+    the better setting. Returns (config, [errors off, errors on])."""
     layers, logs = blocks(model), []
     for on in (False, True):
         set_rotations(model, {i: dict.fromkeys(ROTATIONS, on) for i in range(len(layers))})
@@ -517,7 +541,7 @@ def search_rotations(model, batches, decimals: int = -1):
             model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for layer in layers:
             layer.self_attn.errors = layer.self_attn.o_proj.errors = layer.mlp.down_proj.errors = None
-        logs.append(dict(errors))
+        logs.append({key: value / len(batches) for key, value in errors.items()})
     config = select_rotations(*logs, decimals)
     set_rotations(model, config)
     return config, logs
@@ -548,14 +572,65 @@ def check_invariance(want, got, model):
                                 f"not change them: this architecture is not supported")
 
 
-def prepare(model, train, args, rt, pad_id) -> dict:
+def make_search_batches(train, args, tokenizer, device) -> list:
+    """The rotation search's input, in batches of 16. random: --search_samples training samples drawn with --seed,
+    prompt and response, right-padded to each batch's longest. official (rotate_model_r234_quant_error.py l.18-45):
+    the first --search_samples samples in file order (of those load_sft_data kept), the prompt's text alone (the
+    turns before the response, joined by newlines) tokenized without the chat template, cut to 512 tokens and
+    left-padded to 512 with eos (masked); position ids count from the first pad, as there."""
+    n = min(args.search_samples, len(train))
+    if args.search_batches == "random":
+        ids = random.Random(args.seed).sample(range(len(train)), n)
+        return [common.collate(train, ids[i:i + 16], tokenizer.pad_token_id, device) for i in range(0, n, 16)]
+    if tokenizer.eos_token_id is None:
+        raise common.UsageError("--search_batches official pads with eos: the tokenizer has no eos token")
+    batches, length = [], 512
+    for start in range(0, n, 16):
+        texts = ["\n".join(m["content"] for m in train[i]["messages"][:-1]) for i in range(start, min(start + 16, n))]
+        ids = torch.full((len(texts), length), tokenizer.eos_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            tokens = tokenizer(text, truncation=True, max_length=length)["input_ids"]
+            ids[row, length - len(tokens):], mask[row, length - len(tokens):] = torch.tensor(tokens, dtype=torch.long), 1
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    return batches
+
+
+def check_method_args(args):
+    """The method's flags, before anything is loaded or written (prepare checks --rotation again for direct callers)."""
+    if args.rotation not in ("adaptive", "all", "r1", "none"):
+        raise common.UsageError(f"--rotation {args.rotation!r}: expected adaptive, all, r1 or none")
+    for k in ("w", "a", "kv"):
+        if getattr(args, f"{k}_bits") < 2:
+            raise common.UsageError(f"--{k}_bits must be >= 2 (16 or more = off), got {getattr(args, f'{k}_bits')}")
+        if not 0 < getattr(args, f"{k}_clip") <= 1:
+            raise common.UsageError(f"--{k}_clip must be in (0, 1], got {getattr(args, f'{k}_clip')}")
+    if args.search_quantizer not in ("symmetric", "train"):
+        raise common.UsageError(f"--search_quantizer must be symmetric or train, got {args.search_quantizer!r}")
+    if args.search_batches not in ("random", "official"):
+        raise common.UsageError(f"--search_batches must be random or official, got {args.search_batches!r}")
+    if args.search_samples < 1:
+        raise common.UsageError(f"--search_samples must be >= 1, got {args.search_samples}")
+    if args.search_decimals < -1:
+        raise common.UsageError(f"--search_decimals must be >= 0, or -1 for exact numbers, got {args.search_decimals}")
+    defaults = Args()
+    changed = [k for k in ("search_quantizer", "search_batches", "search_samples", "search_decimals")
+               if getattr(args, k) != getattr(defaults, k)]
+    if changed and args.rotation != "adaptive":
+        raise common.UsageError(f"--{changed[0]} sets the rotation search, which only --rotation adaptive runs "
+                                f"(got --rotation {args.rotation})")
+
+
+def prepare(model, train, args, tokenizer) -> dict:
     """Rotate (unless --rotation none), quantize, check at 16 bits that nothing changed on two training sequences
-    (check_invariance) and pick the online rotations; record it all in model.config.roste (saved in config.json,
-    read by load_quantized). Returns the per-layer rotation config."""
+    (check_invariance) and pick the online rotations (under the search's quantizer, then the training one is
+    installed); record it all in model.config.roste (saved in config.json, read by load_quantized). Returns the
+    per-layer rotation config."""
     if args.rotation not in ("adaptive", "all", "r1", "none"):
         raise common.UsageError(f"--rotation {args.rotation!r}: expected adaptive, all, r1 or none")
     device = model.get_input_embeddings().weight.device
-    probe = {k: v[:, :64] for k, v in common.collate(train, range(min(2, len(train))), pad_id, device).items()}
+    probe = common.collate(train, range(min(2, len(train))), tokenizer.pad_token_id, device)
+    probe = {k: v[:, :64] for k, v in probe.items()}
     want = full_precision_logits(model, probe)
     if args.rotation != "none":
         fuse_norms(model)
@@ -565,9 +640,12 @@ def prepare(model, train, args, rt, pad_id) -> dict:
     set_rotations(model, {i: dict.fromkeys(ROTATIONS, args.rotation in ("adaptive", "all")) for i in range(len(blocks(model)))})
     check_invariance(want, full_precision_logits(model, probe), model)
     if args.rotation == "adaptive":
-        ids = random.Random(args.seed).sample(range(len(train)), min(args.search_samples, len(train)))
-        batches = [common.collate(train, ids[i:i + 16], pad_id, rt.device) for i in range(0, len(ids), 16)]
-        config, logs = search_rotations(model, batches, args.search_decimals)
+        if args.search_quantizer == "symmetric":  # official: rotate_model_r1.py l.40-45 saves sym, clip 1; the
+            # search script (rotate_model_r234_quant_error.py l.66-71) sets only the bits (4/4/4, the recipes')
+            quantize_model(model, {**spec, "w_sym": True, "a_sym": True, "kv_sym": True, "w_clip": 1.0, "a_clip": 1.0, "kv_clip": 1.0})
+        config, logs = search_rotations(model, make_search_batches(train, args, tokenizer, device), args.search_decimals)
+        quantize_model(model, spec)  # the training quantizer (this also turns the rotations off: set again below)
+        set_rotations(model, config)
         print0("rotation search (error off -> on): " + " | ".join(
             f"L{layer} {kind} {logs[0][(layer, kind)]:.3g}->{logs[1][(layer, kind)]:.3g}{' ON' if config[layer][kind] else ''}"
             for layer, kind in sorted(logs[0])))
@@ -617,6 +695,8 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 
 
 def main(args):
+    check_method_args(args)  # METHOD: bad flags fail before anything loads
+
     # COMMON: seed, distributed
     rt = common.setup_distributed(args.device, args.dtype)
     common.prepare_output_dir(args.output_dir, args.resume, args.overwrite, rt)  # before anything is loaded
@@ -647,7 +727,7 @@ def main(args):
     if not args.qat and args.fsdp:
         raise common.UsageError("--qat false (quantize after training) rewrites the weights in place: not with --fsdp")
     if args.qat:
-        prepare(model, train, args, rt, tokenizer.pad_token_id)
+        prepare(model, train, args, tokenizer)
 
     # COMMON: optimizer and schedule
     loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp, args.gradient_checkpointing)
@@ -715,7 +795,7 @@ def main(args):
     fp = {}
     if not args.qat:  # METHOD: SFT then PTQ: the trained full-precision model, then rotated and quantized
         fp = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps) if args.eval_full_precision else {}
-        prepare(model, train, args, rt, tokenizer.pad_token_id)
+        prepare(model, train, args, tokenizer)
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
     if args.qat and args.eval_full_precision:  # METHOD: the latent weights with the quantizers off
         with full_precision(model):
