@@ -553,7 +553,7 @@ def main(args):
     else:
         merge_into_model(args, checkpoints, base, weights)
 
-    # COMMON: save (the whole directory appears at once, or not at all), then evaluate
+    # COMMON: evaluate and save: final/ first (the whole directory appears at once, or not at all)
     model.config.merge = {"method": args.method, "models": paths, "base": args.base, "weights": weights}
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt)
     final = evaluate(model, tokenizer, eval_sets, rt, args)  # after saving: a crash here loses nothing
