@@ -363,10 +363,38 @@ def precision(rt: Runtime):
     return torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)
 
 
-def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_code: bool = False):
+def read_chat_template(source: str, tokenizer) -> str:
+    """--chat_template: a Jinja file, or a local tokenizer directory or hub id whose template to use (for a base
+    model without one). Refused unless an assistant turn it renders ends with this tokenizer's eos token, since
+    generation stops only there."""
+    from transformers import AutoTokenizer
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            template = f.read()
+    else:
+        try:
+            template = AutoTokenizer.from_pretrained(source).chat_template
+        except Exception as err:
+            raise UsageError(f"--chat_template {source!r}: neither a file nor a loadable tokenizer "
+                             f"({type(err).__name__}: {str(err).strip()[:200]})") from None
+        if not isinstance(template, str):
+            raise UsageError(f"--chat_template {source!r}: that tokenizer has no (single) chat template")
+    try:
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "u"}, {"role": "assistant", "content": "THE-END"}],
+                                             chat_template=template, tokenize=False)
+    except Exception as err:
+        raise UsageError(f"--chat_template {source!r}: does not render ({type(err).__name__}: {str(err)[:200]})") from None
+    if tokenizer.eos_token is None or tokenizer.eos_token not in turn.split("THE-END")[-1]:
+        raise UsageError(f"--chat_template {source!r}: an assistant turn does not end with the tokenizer's eos token "
+                         f"{tokenizer.eos_token!r}, so generation would not stop; use a template that ends turns with it")
+    return template
+
+
+def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_code: bool = False, chat_template: str = ""):
     """Model and tokenizer by hub id or local directory (safetensors only), parameters in `dtype`: float32 for the
     trained model (master weights; --dtype is then the compute dtype), --dtype for frozen ones (references,
-    teachers). `model.source_dtype` records the checkpoint's own dtype, the default dtype of the saved model."""
+    teachers). `model.source_dtype` records the checkpoint's own dtype, the default dtype of the saved model.
+    `chat_template` replaces the tokenizer's (read_chat_template); final/ saves it with the tokenizer."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     transformers.utils.logging.disable_progress_bar()
@@ -386,8 +414,11 @@ def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_cod
                          f"config and tokenizer needed): {type(err).__name__}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template, tokenizer)
     if tokenizer.chat_template is None:
-        raise UsageError(f"--model {path!r}: the tokenizer has no chat template; use an instruct model")
+        raise UsageError(f"--model {path!r}: the tokenizer has no chat template; use an instruct model, or give one "
+                         f"with --chat_template (a Jinja file, or a tokenizer whose template to use)")
     model.source_dtype = source if isinstance(source, torch.dtype) else DTYPES.get(str(source), torch.float32)
     return model.to(device), tokenizer
 

@@ -234,6 +234,27 @@ def test_progress_in_a_log_file_prints_plain_lines_with_eta_and_nothing_for_shor
     assert isinstance(bar, common.LogProgress)
 
 
+def test_a_base_model_without_a_chat_template_is_refused_unless_one_is_given(tmp_path, tokenizer):
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(common.WORLD_DIR, "base"), base)
+    template = tokenizer.chat_template
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="the tokenizer has no chat template; use an instruct model, or give one"):
+        common.load_model(str(base))
+    (tmp_path / "t.jinja").write_text(template)
+    for source in (str(tmp_path / "t.jinja"), os.path.join(common.WORLD_DIR, "base")):  # a file, or a tokenizer's
+        assert common.load_model(str(base), chat_template=source)[1].chat_template == template
+    (tmp_path / "bad.jinja").write_text(template.replace("<|im_end|>", "</turn>"))
+    with pytest.raises(UsageError, match="an assistant turn does not end with the tokenizer's eos token '<|im_end|>'"):
+        common.load_model(str(base), chat_template=str(tmp_path / "bad.jinja"))
+    with pytest.raises(UsageError, match="neither a file nor a loadable tokenizer"):
+        common.load_model(str(base), chat_template=str(tmp_path / "missing"))
+
+
 @pytest.fixture(scope="module")
 def world_prompts(tokenizer):
     prompts = []
