@@ -32,6 +32,8 @@ class Args:
     # COMMON: the same block in every script
     model: str = os.path.join(common.WORLD_DIR, "base")
     """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
+    chat_template: str = ""
+    """chat template for a base model without one: a Jinja file, or a tokenizer (directory or hub id) to take it from"""
     dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
     """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
     dataset_split: str = "train"
@@ -243,7 +245,7 @@ def main(args):
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code, args.chat_template)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
