@@ -5,12 +5,13 @@ Reasoning Priors for Efficient MLLM Fine-Tuning", ACL 2026 Findings), https://ar
 
 Method:
   The prior Delta = theta_reasoning - theta_target is computed once per selected weight tensor (Eq. 2), never updated.
-  Each micro-batch's gradient g of a selected tensor becomes g + alpha * scale(g, Delta) (Eq. 3; alpha = -1 pulls
-  toward theta_reasoning), in a hook that runs before the cross-rank reduction and before clipping; the loss is SFT's.
+  Each example's gradient g of a selected tensor becomes g + alpha * scale(g, Delta) (Eq. 3; alpha = -1 pulls
+  toward theta_reasoning), in a hook that runs before accumulation, the cross-rank reduction and clipping; the loss is
+  SFT's. Per example is the official setting (batch 1 per device); `--edit_per micro_batch` edits whole micro-batches.
 
 Usage:
     python drift.py                                 # embedded world: the code model (target) learns math with the math model's prior
-    python drift.py --alpha 0                       # plain SFT from the same start (bit-identical to sft.py --model <target>)
+    python drift.py --alpha 0 --edit_per micro_batch  # plain SFT from the same start (bit-identical to sft.py --model <target>)
     python drift.py --merge_lambdas 0.1,0.5         # also evaluate the naive task-arithmetic merges theta_T + lambda * Delta
     torchrun --nproc_per_node 8 drift.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --reasoning_model Qwen/Qwen2.5-Math-1.5B-Instruct \
         --dataset openai/gsm8k:main --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-6
@@ -57,9 +58,9 @@ class Args:
     steps: int = 300
     """optimizer steps"""
     batch_size: int = 32
-    """global samples per optimizer step (identical results for any micro-batch x accumulation x processes)"""
+    """global samples per optimizer step (identical results for any processes x accumulation split of the same edits; see --edit_per)"""
     micro_batch_size: int = 0
-    """samples per forward pass per process; 0 = batch_size / processes (no accumulation)"""
+    """samples per forward pass per process; 0 = 1 with --edit_per example, batch_size / processes with micro_batch (a DRIFT hyperparameter there)"""
     lr: float = 1e-3
     """peak learning rate (AdamW); use ~1e-5 for pretrained 0.5B+ models"""
     warmup_ratio: float = 0.05
@@ -114,8 +115,10 @@ class Args:
     """tensors that get the bias: comma-separated presets (attn, mlp, router, norm, embed, head; see PRESETS) or regexes over parameter names"""
     skip_first_n: int = 0
     """leave the first N decoder layers without bias"""
+    edit_per: str = "example"
+    """gradient each Eq. 3 edit sees: example (official yaml: batch 1 per device; a pass per sample) | micro_batch (faster, weaker bias)"""
     normalize_delta: bool = False
-    """rescale each Delta to the norm of its parameter (official code's default; the paper does not; changes only `absolute`)"""
+    """rescale each Delta to the norm of its parameter (official code and yaml, not the paper; only `absolute` changes: Table 4's row)"""
     prior_device: str = "auto"
     """where Delta lives: auto (the training device) | cpu (copied per use, as the official code)"""
     prior_dtype: str = "float32"
@@ -124,7 +127,7 @@ class Args:
     """naive-merge baseline: comma-separated lambdas; before training, evaluate and save theta_T + lambda * Delta (0.1 = BR2V's (0.9, 0.1))"""
 
 
-SCALES = ("absolute", "gradnorm", "adaptive")
+SCALES, EDIT_PER = ("absolute", "gradnorm", "adaptive"), ("example", "micro_batch")
 # The attention and MLP blocks by their module names in transformers (self_attn + mlp: Llama, Qwen, Mistral, Gemma,
 # Phi-3, OLMo2, Cohere, Granite, the MoEs; GPT-2 attn; GPT-NeoX attention; Falcon self_attention; Llama 4 feed_forward;
 # Granite-MoE block_sparse_moe), and the projections inside them, weights and biases.
@@ -140,43 +143,52 @@ PRESETS = {
     "norm": r"(?:norm|ln_\w+)\.(?:weight|bias)$", "embed": r"(?:embed_tokens|wte|wpe|embed_in|word_embeddings)\.weight$",
     "head": r"^(?:lm_head|embed_out)\.weight$"}
 LAYER = r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\."  # a decoder layer's index: model.layers.3., GPT-2 transformer.h.3.
+# Never biased, whatever --targets says: names containing "visual" (the official code skips them: model/drift.py l.165)
+# and the vision towers and projectors LLaMA-Factory freezes by default (model/model_utils/visual.py: vision_tower,
+# vision_model, audio_tower, multi_modal_projector; MiniCPM's vpm, apm, resampler; Keye's mlp_AR).
+VISION = r"visual|(?:^|\.)(?:vision_tower|vision_model|audio_tower|multi_modal_projector|vpm|apm|resampler|mlp_AR)\."
 
 
 # METHOD: DRIFT's gradient edit (Eq. 3), one tensor at a time
 def drift_gradient(grad, delta, alpha, scale, delta_norm=None, absolute_factor=1.0, eps=1e-12):
     """g~ = g + alpha * scale(g, Delta) (Huang et al. 2025, Eq. 3) for one parameter tensor.
 
-    grad = g (this micro-batch's gradient of the tensor), delta = Delta = theta_R - theta_T (Eq. 2), alpha = alpha
+    grad = g (one example's or micro-batch's gradient of the tensor), delta = Delta = theta_R - theta_T (Eq. 2), alpha = alpha
     (paper: -1; the official code subtracts with +1, the same update), u = Delta / |Delta| (0 if |Delta| < eps):
-      absolute:  g + alpha * Delta                                (times absolute_factor: 1 / micro-batches per step)
+      absolute:  g + alpha * Delta                                (times absolute_factor: 1 / edits per step and process)
       gradnorm:  g + alpha * |g| * u
       adaptive:  g + alpha * (1 + cos(g, Delta)) / 2 * |g| * u    cos over the flattened tensor, clamped to [-1, 1],
                                                                    0 when a norm is < eps (paper's default variant)
     With alpha = -1 the adaptive bias is strongest when the SFT step -g points away from theta_R (cos = 1: g~ = 0
     if g is parallel to Delta) and vanishes when it already points toward it (cos = -1). Norms are per tensor.
-    Returns (g~ in grad's dtype, cos(g, Delta)); computed in fp32 (fp64 for fp64 input)."""
+    The official hook (WikiChao/DRIFT, LLaMA-Factory/src/llamafactory/model/drift.py l.337-370) is the same with its
+    alpha = -ours, except that it clamps |g| and |Delta| to eps instead of zeroing the bias (a difference of eps * u).
+    gradnorm and adaptive are positively homogeneous in g (c > 0: edit(c g) = c edit(g)), absolute is not.
+    Returns (g~ in grad's dtype, cos(g, Delta), |g~ - g|); computed in fp32 (fp64 for fp64 input)."""
     work = torch.promote_types(grad.dtype, torch.float32)  # fp32, or fp64 when given fp64
     g, d = grad.to(work), delta.to(device=grad.device, dtype=work)
+    d_norm = torch.linalg.vector_norm(d) if delta_norm is None else delta_norm.to(device=g.device, dtype=work)
     if scale == "absolute":
-        return (g + (alpha * absolute_factor) * d).to(grad.dtype), torch.zeros((), device=grad.device)
+        return (g + (alpha * absolute_factor) * d).to(grad.dtype), torch.zeros((), device=grad.device), abs(alpha * absolute_factor) * d_norm
     g_norm = torch.linalg.vector_norm(g)
-    d_norm = torch.linalg.vector_norm(d) if delta_norm is None else delta_norm.to(g.device)
     ok = (g_norm > eps) & (d_norm > eps)
     cos = torch.where(ok, (g * d).sum() / (g_norm * d_norm).clamp(min=eps), 0.0).clamp(-1.0, 1.0)
     coef = alpha * (1 + cos) / 2 if scale == "adaptive" else torch.full_like(cos, alpha)
     u_coef = torch.where(d_norm > eps, coef * g_norm / d_norm.clamp(min=eps), 0.0)
-    return (g + u_coef * d).to(grad.dtype), cos
+    return (g + u_coef * d).to(grad.dtype), cos, u_coef.abs() * d_norm
 
 
 def select_tensors(model, args):
     """Names of the parameters that get the bias (--targets, from layer --skip_first_n on), with the count of each
     target printed. Fails loudly, where the official code silently attaches fewer hooks (none when module names
     differ): when a target matches nothing, and when `attn` or `mlp` would leave out a weight matrix inside the
-    blocks it is named for (a fused qkv, an expert tensor) or a decoder layer with none of its tensors."""
+    blocks it is named for (a fused qkv, an expert tensor) or a decoder layer with none of its tensors. Vision towers
+    and projectors (VISION) are never selected, as in the official code."""
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     layer_of = {n: int(m[1]) if (m := re.search(LAYER, n)) else None for n, _ in model.named_parameters()}
+    vision = [n for n, _ in model.named_parameters() if re.search(VISION, n)]
     params = {n: p for n, p in model.named_parameters()
-              if p.requires_grad and (layer_of[n] is None or layer_of[n] >= args.skip_first_n)}
+              if p.requires_grad and n not in vision and (layer_of[n] is None or layer_of[n] >= args.skip_first_n)}
     matched = {t: [n for n in params if re.search(PRESETS.get(t, t), n)] for t in targets}
     selected = {n for found in matched.values() for n in found}
     layers = sorted({layer_of[n] for n in params} - {None})
@@ -185,6 +197,8 @@ def select_tensors(model, args):
     for t in targets:
         if not matched[t]:
             tied = " (the head is tied to the input embeddings: use embed)" if t == "head" and getattr(model.config, "tie_word_embeddings", False) else ""
+            seen = [n for n in vision if re.search(PRESETS.get(t, t), n)]
+            tied += f" ({len(seen)} vision/projector tensors match, e.g. {seen[0]}, but are never biased)" if seen else ""
             raise common.UsageError(f"--targets {t!r} ({PRESETS.get(t, t)}) matched no parameter of --model {args.model!r}"
                                     f"{tied}; its parameters are named like: {sample(layers[0] if layers else None)}, ...")
     regex_layers = {layer_of[n] for t in targets if t not in PRESETS for n in matched[t]}
@@ -204,7 +218,7 @@ def select_tensors(model, args):
                         for t, found in matched.items())
     router = [n for n in params if re.search(PRESETS["router"], n) and n not in selected]
     print0(f"DRIFT targets: {counts}" + (f" | router not targeted ({len(router)} tensors; --targets {args.targets},router "
-                                        "adds it)" if router else ""))
+                                        "adds it)" if router else "") + (f" | vision/projector excluded ({len(vision)} tensors)" if vision else ""))
     return names
 
 
@@ -251,15 +265,19 @@ def build_prior(args, model, names, rt):
 
 
 def attach_hooks(model, prior, args, micro_steps):
-    """One gradient hook per selected tensor (Parameter.register_hook: it edits the micro-batch's gradient before
-    it is accumulated into .grad, before DDP's all-reduce and before clipping, as the official code). Returns the
-    list the hooks append their cos(g, Delta) to, read and cleared by the training loop for logging."""
+    """One gradient hook per selected tensor (Parameter.register_hook: it edits each backward's gradient before it
+    is accumulated into .grad, before DDP's all-reduce and before clipping, as the official code), so there is one
+    edit per forward pass: per example with --edit_per example. micro_steps = edits per step and process. The
+    gradient a hook sees is its samples' share of the global token mean (tokens / global tokens x processes, as the
+    loss); gradnorm and adaptive are homogeneous, so an edit of that share is the share of the edited token-mean
+    gradient: the step's bias is the token-weighted sum of the per-example biases. Returns the list the hooks
+    append (tensor index, cos(g, Delta), |bias|) to, read and cleared by the training loop for logging."""
     seen = []
     params = dict(model.named_parameters())
-    for name, (delta, delta_norm) in prior.items():
-        def hook(grad, delta=delta, delta_norm=delta_norm):
-            new, cos = drift_gradient(grad, delta, args.alpha, args.scale, delta_norm, absolute_factor=1.0 / micro_steps)
-            seen.append(cos.detach())
+    for index, (name, (delta, delta_norm)) in enumerate(prior.items()):
+        def hook(grad, index=index, delta=delta, delta_norm=delta_norm):
+            new, cos, bias = drift_gradient(grad, delta, args.alpha, args.scale, delta_norm, absolute_factor=1.0 / micro_steps)
+            seen.append((index, cos.detach(), bias.detach()))
             return new
         params[name].register_hook(hook)
     print0(f"DRIFT: {args.scale} bias, alpha {args.alpha}, on {len(prior)} tensors "
@@ -309,6 +327,12 @@ def main(args):
         raise common.UsageError(f"--scale must be one of {', '.join(SCALES)}, got {args.scale!r}")
     if args.prior_dtype not in ("float32", "bfloat16") or args.prior_device not in ("auto", "cpu"):
         raise common.UsageError(f"--prior_dtype float32|bfloat16 and --prior_device auto|cpu, got {args.prior_dtype!r}, {args.prior_device!r}")
+    if args.edit_per not in EDIT_PER:
+        raise common.UsageError(f"--edit_per must be one of {', '.join(EDIT_PER)}, got {args.edit_per!r}")
+    if args.edit_per == "example" and args.micro_batch_size > 1:
+        raise common.UsageError(f"--micro_batch_size {args.micro_batch_size} with --edit_per example: DRIFT edits each example's "
+                                "gradient, one forward pass per sample; use --micro_batch_size 1 (or 0), or --edit_per "
+                                f"micro_batch to edit the gradient of {args.micro_batch_size} samples at once (a weaker bias)")
     if args.fsdp:
         raise common.UsageError("DRIFT biases each rank's whole-tensor gradient before the reduction; FSDP2 only exposes "
                                 "reduced shards. Use DDP (the paper's setting is ZeRO-2, i.e. replicated gradients)")
@@ -349,10 +373,11 @@ def main(args):
             raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
         examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
         eval_sets[name] = examples[: args.eval_samples or None]
-    micro = args.micro_batch_size or args.batch_size // rt.world_size
+    micro = args.micro_batch_size or (1 if args.edit_per == "example" else args.batch_size // rt.world_size)  # METHOD: the edit's samples
     if args.batch_size % (micro * rt.world_size):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
+    common.RUN_SETTINGS["micro_batch_size"] = micro  # METHOD: the samples per edit set the bias: a resume must keep them
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
     common.check_objective(model, common.collate(train, schedule[0][:2] if schedule else [0], tokenizer.pad_token_id, rt.device), rt)
 
@@ -412,8 +437,13 @@ def main(args):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # METHOD: mean cos(g, Delta) over this step's hook calls (tensors x micro-batches), and how many fired
-        metrics.update({"cos": torch.stack(seen_cos).mean().item()} if seen_cos else {}, hook_calls=len(seen_cos))
+        # METHOD: over this step's hook calls (tensors x edits): mean cos(g, Delta), how many fired, and the norm of the
+        # step's bias after the reduction (per tensor the biases are collinear with Delta, so their norms add up)
+        bias = torch.zeros(len(prior), device=rt.device)
+        if seen_cos:
+            bias.index_add_(0, torch.tensor([i for i, _, _ in seen_cos], device=rt.device), torch.stack([b for *_, b in seen_cos]).float())
+            metrics["cos"] = torch.stack([c for _, c, _ in seen_cos]).mean().item()
+        metrics.update(hook_calls=len(seen_cos), bias_norm=(common.all_reduce_sum(bias) / rt.world_size).norm().item())
         seen_cos.clear()
 
         # COMMON: logging (the logged loss is the optimised loss: global token mean)

@@ -163,7 +163,7 @@ def suite_runs(suite: str, root: str) -> list:
         add("roste", s, math(s) + ["--search_samples", str(b["search_samples"])])
         add("fait", s, code(s) + cache)
         drift = ["--model", final("sft_code", 0), "--reasoning_model", final("sft", 0)]  # theta_T: code, theta_R: math
-        add("drift_sft", s, math(s, first=s == 0) + drift + ["--alpha", "0"])
+        add("drift_sft", s, math(s, first=s == 0) + drift + ["--alpha", "0", "--edit_per", "micro_batch"])  # alpha 0: no edit
         add("drift", s, math(s) + drift + (["--merge_lambdas", "0.5"] if s == 0 else []))
     for s in seeds:
         add("sft_rtn", s, evaluate(s) + ["--model", final("sft", s), "--qat", "false", "--rotation", "none",

@@ -48,8 +48,9 @@ def test_each_variant_equals_its_formula(alpha):
     expected = {"absolute": g + alpha * d, "gradnorm": g + alpha * g.norm() * u,
                 "adaptive": g + alpha * (1 + cos) / 2 * g.norm() * u}
     for scale, want in expected.items():
-        got, got_cos = drift.drift_gradient(g, d, alpha, scale)
+        got, got_cos, bias_norm = drift.drift_gradient(g, d, alpha, scale)
         torch.testing.assert_close(got, want)
+        torch.testing.assert_close(bias_norm, (want - g).norm())  # the logged |bias| (method/bias_norm)
         if scale != "absolute":
             torch.testing.assert_close(got_cos, cos.float(), check_dtype=False)
     # the norm of the bias (spec invariant 4) and the absolute bias split over micro-batches
@@ -78,6 +79,63 @@ def test_zero_prior_zero_gradient_and_alpha_zero_leave_the_gradient_unchanged():
             if not (scale == "absolute" and alpha != 0 and delta.abs().sum() > 0):
                 assert torch.equal(out, grad.float()), (scale, alpha)
             assert torch.isfinite(out).all()
+
+
+def official_hook(grad, delta, scale, alpha=1.0, eps=1e-12):
+    """The official hook's arithmetic, written out here (WikiChao/DRIFT@d60b91a,
+    LLaMA-Factory/src/llamafactory/model/drift.py l.337-368: alpha 1 subtracted, norms clamped to eps; any scale
+    other than absolute and adaptive_cosine is gradnorm), in fp64 on flattened tensors."""
+    g, d = grad.double().flatten(), delta.double().flatten()
+    if scale == "absolute":
+        return (g - alpha * d).view(grad.shape)
+    g_norm, d_norm = max(float((g * g).sum().sqrt()), eps), max(float((d * d).sum().sqrt()), eps)
+    factor = 1.0
+    if scale == "adaptive":  # its "adaptive_cosine"
+        cos = min(max(float((g * d).sum()) / (g_norm * d_norm), -1.0), 1.0) if g_norm >= eps and d_norm >= eps else 0.0
+        factor = 0.5 * (cos + 1.0)
+    return (g - alpha * factor * g_norm * (d / d_norm)).view(grad.shape)
+
+
+def official_delta(theta_t, theta_r, normalize, eps=1e-12):
+    """The official Delta (l.288-296): prior - sft, with normalize_delta_to_param |Delta| := |theta_T|, both clamped."""
+    delta = theta_r.double() - theta_t.double()
+    return delta * (theta_t.double().norm().clamp_min(eps) / delta.norm().clamp_min(eps)) if normalize else delta
+
+
+def test_the_bias_equals_the_official_hook_for_all_three_variants(tmp_path):
+    """Qwen2's attn/mlp tensors with q/k/v biases (20 tensors): Delta and the edited gradient from drift.py's prior
+    and hooks (alpha -1, fp32) against the official code's arithmetic (alpha +1, fp64), normalize_delta on and off.
+    (Both models get nonzero biases: at an all-zero theta_T tensor the official normalisation keeps Delta's direction
+    at norm eps, where drift.py's Delta is 0, so only the official code biases it; docs/drift.md.)"""
+    import copy
+    import shutil
+    target, reasoning = tiny("qwen2", seed=0), tiny("qwen2", seed=1)
+    with torch.no_grad():  # every tensor nonzero: the zero-init q/k/v biases too
+        for p in [*target.parameters(), *reasoning.parameters()]:
+            p.add_(torch.randn(p.shape) * 0.05)
+    reasoning.save_pretrained(tmp_path)
+    for name in archs.TOKENIZER_FILES:
+        shutil.copy(os.path.join(archs.WORLD_BASE, name), tmp_path / name)
+    theta_r = reasoning.state_dict()
+    theta_t = {n: p.detach().clone() for n, p in target.named_parameters()}
+    worst = 0.0
+    for normalize in (False, True):
+        args = drift.Args(model="qwen2", reasoning_model=str(tmp_path), normalize_delta=normalize)
+        names = drift.select_tensors(target, args)
+        prior = drift.build_prior(args, target, names, CPU)
+        assert len(prior) == DEFAULT_COUNTS["qwen2"] and sum(n.endswith("bias") for n in prior) == 6
+        for scale in drift.SCALES:
+            args.scale = scale
+            model = copy.deepcopy(target)
+            drift.attach_hooks(model, prior, args, micro_steps=1)
+            params = dict(model.named_parameters())
+            weights = {n: torch.randn(params[n].shape, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(prior)}
+            sum((params[n] * weights[n]).sum() for n in prior).backward()  # plain gradient = weights[n]
+            for n in prior:
+                want = official_hook(weights[n], official_delta(theta_t[n], theta_r[n], normalize), scale)
+                torch.testing.assert_close(params[n].grad.double(), want, rtol=1e-6, atol=1e-6, msg=f"{scale} {normalize} {n}")
+                worst = max(worst, ((params[n].grad.double() - want).abs().max() / want.abs().max()).item())
+    assert worst < 1e-6  # fp32 against fp64
 
 
 def one_step_gradients(args, reasoning_on=True):
@@ -233,6 +291,29 @@ def test_prior_on_gpt2_and_fused_moe_experts_is_the_difference_and_the_hooks_edi
         torch.testing.assert_close(params[n].grad, weights[n] - 0.5 * prior[n][0])
 
 
+def test_vision_towers_and_projectors_never_get_the_bias(capsys):
+    """Qwen2.5-VL (the paper's target, tiny): model.visual.* (its ViT blocks have mlp.gate/up/down_proj, which the
+    mlp preset would match) is left out as in the official code; only the language model's 20 tensors are selected.
+    A regex naming only vision tensors is refused, and the LLaMA-Factory freeze keys (LLaVA's CLIP tower, the
+    projector) are excluded by name."""
+    import transformers
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                         vocab_size=256, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]))
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    assert any(re.search(drift.PRESETS["mlp"], n) for n, _ in model.named_parameters() if ".visual." in n)  # would be picked
+    names = drift.select_tensors(model, drift.Args(model="qwen2_5_vl"))
+    assert len(names) == 20 and all(n.startswith("model.language_model.layers.") for n in names)
+    assert f"vision/projector excluded ({sum('.visual.' in n for n, _ in model.named_parameters())} tensors)" in capsys.readouterr().out
+    with pytest.raises(common.UsageError, match=r"matched no parameter .*vision/projector tensors match, e\.g\. model\.visual\.blocks\.0\.mlp"):
+        drift.select_tensors(model, drift.Args(model="qwen2_5_vl", targets=r"attn,mlp,blocks\.\d+\.mlp\."))
+    vision = ["model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight", "model.multi_modal_projector.linear_1.weight",
+              "model.visual.merger.mlp.0.weight", "audio_tower.layers.0.fc1.weight", "vpm.encoder.layers.0.mlp.fc1.weight"]
+    text = ["model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    assert all(re.search(drift.VISION, n) for n in vision) and not any(re.search(drift.VISION, n) for n in text)
+
+
 def test_a_vision_language_model_is_refused_by_name(tmp_path, reasoning):
     """The paper's Qwen2.5-VL-7B cannot run here (AutoModelForCausalLM, text data): one line before anything loads."""
     import transformers
@@ -240,6 +321,16 @@ def test_a_vision_language_model_is_refused_by_name(tmp_path, reasoning):
                                                    num_key_value_heads=2, intermediate_size=128)).save_pretrained(tmp_path)
     with pytest.raises(common.UsageError, match=r"--model .* is a vision-language model \(qwen2_5_vl\).*not supported"):
         drift.main(drift.Args(model=str(tmp_path), reasoning_model=reasoning))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(micro_batch_size=4), r"--micro_batch_size 4 with --edit_per example: .*or --edit_per micro_batch"),
+    (dict(edit_per="batch"), r"--edit_per must be one of example, micro_batch"),
+])
+def test_per_example_editing_cannot_be_silently_replaced(kw, message):
+    """Several samples per forward pass would edit their summed gradient: refused before anything loads."""
+    with pytest.raises(common.UsageError, match=message):
+        drift.main(drift.Args(model="never-loaded", reasoning_model="never-loaded", **kw))
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -254,24 +345,33 @@ def test_bad_flags_fail_clearly(tmp_path, reasoning, flags, message):
 
 
 def test_alpha_zero_trains_exactly_like_sft_py(tmp_path, reasoning):
-    run_script("drift.py", tmp_path / "drift", *QUICK, "--model", BASE, "--reasoning_model", reasoning, "--alpha", "0")
+    run_script("drift.py", tmp_path / "drift", *QUICK, "--model", BASE, "--reasoning_model", reasoning, "--alpha", "0",
+               "--edit_per", "micro_batch")  # sft.py's micro-batches (the default, one sample per pass, is slower)
     run_script("sft.py", tmp_path / "sft", *QUICK)
     assert losses(tmp_path / "drift") == losses(tmp_path / "sft")
     ours, theirs = (load_file(os.path.join(tmp_path, d, "final", "model.safetensors")) for d in ("drift", "sft"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_two_processes_equal_one_accumulating_and_the_merge_baseline(tmp_path, reasoning):
-    """The bias is per micro-batch and before the reduction: 2 DDP processes give the same training as 1 process
-    with the same micro-batches (accumulation 2), and differ from 1 process with the whole batch at once."""
-    common_flags = [*QUICK, "--model", BASE, "--reasoning_model", reasoning]
-    run_script("drift.py", tmp_path / "accum", *common_flags, "--micro_batch_size", "4", "--merge_lambdas", "0.5")
+def test_per_example_edits_by_default_two_processes_equal_one_and_the_merge_baseline(tmp_path, reasoning):
+    """The default edits each example's gradient (the paper's batch 1 per device), before the reduction: 4 hook calls
+    per tensor per step of 4 samples, whether 1 process runs them or 2 DDP processes split them (the same training);
+    one edit of the whole batch (--edit_per micro_batch) trains differently, with a weaker bias at step 1."""
+    common_flags = [*QUICK, "--steps", "3", "--batch_size", "4", "--model", BASE, "--reasoning_model", reasoning]
+    run_script("drift.py", tmp_path / "accum", *common_flags, "--merge_lambdas", "0.5")
     run_script("drift.py", tmp_path / "ddp", *common_flags, nproc=2)
-    run_script("drift.py", tmp_path / "whole", *common_flags)
+    run_script("drift.py", tmp_path / "whole", *common_flags, "--edit_per", "micro_batch", "--save_every", "1")
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "accum"), abs=1e-5)
     assert losses(tmp_path / "whole")[1:] != pytest.approx(losses(tmp_path / "accum")[1:], abs=1e-4)
-    steps = [r for r in records(tmp_path / "accum") if "loss" in r]
-    assert all(r["method/hook_calls"] == 2 * 7 * 4 for r in steps) and all(-1 <= r["method/cos"] <= 1 for r in steps)
+    steps, whole, ddp = ([r for r in records(tmp_path / run) if "loss" in r] for run in ("accum", "whole", "ddp"))
+    assert all(r["method/hook_calls"] == 4 * 7 * 4 for r in steps) and all(-1 <= r["method/cos"] <= 1 for r in steps)
+    assert all(r["method/hook_calls"] == 7 * 4 for r in whole) and all(r["method/hook_calls"] == 2 * 7 * 4 for r in ddp)
+    assert ddp[0]["method/bias_norm"] == pytest.approx(steps[0]["method/bias_norm"], rel=1e-4)  # after the reduction
+    assert steps[0]["method/bias_norm"] > 1.2 * whole[0]["method/bias_norm"]  # same weights and batch at step 1
+    # the samples per edit set the bias, so a resume cannot change them (other scripts may change --micro_batch_size)
+    proc = run_script("drift.py", tmp_path / "whole", *common_flags, "--edit_per", "micro_batch", "--save_every", "1",
+                      "--resume", "auto", "--micro_batch_size", "2", check=False)
+    assert proc.returncode != 0 and "other settings: --micro_batch_size 4 (now 2)" in proc.stderr, proc.stderr[-2000:]
     end = next(r for r in records(tmp_path / "accum") if r.get("event") == "eval_after")
     assert end["method/param_cos"] > 0.1 and end["method/distance_to_reasoning"] < 1
     merged = load_file(os.path.join(tmp_path, "accum", "merge_0.5", "model.safetensors"))
