@@ -33,8 +33,12 @@ class Args:
     # COMMON: the same block in every script
     model: str = os.path.join("runs", "world_variants", "target", "final")
     """hub id or local directory of the starting model theta_T (Hugging Face format, safetensors); the embedded default is built when missing"""
+    chat_template: str = ""
+    """chat template for a base model without one: a Jinja file, or a tokenizer (directory or hub id) to take it from"""
     dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
     """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    dataset_split: str = "train"
+    """split of --dataset to train on when it is a hub id or a saved DatasetDict"""
     eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
         ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
         ("knowledge", "knowledge", "test")])
@@ -85,6 +89,8 @@ class Args:
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
     """keep the newest N checkpoints (0 = all)"""
+    report_to: str = "none"
+    """mirror metrics.jsonl to a tracker: none | tensorboard | wandb | trackio (optional extras: requirements-extras.txt)"""
     resume: str = ""
     """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
     overwrite: bool = False
@@ -360,11 +366,11 @@ def main(args):
             torch.distributed.barrier()
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code, args.chat_template)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
-    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong, args.dataset_split)
     print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
     eval_sets = {}
     for pair in filter(None, args.eval_datasets.split(",")):
@@ -400,7 +406,7 @@ def main(args):
     if resume:
         start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
         print0(f"resumed from {resume} at step {start_step}")
-    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume), report_to=args.report_to)
     logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
     if args.eval_before and not resume:
         logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
@@ -418,9 +424,9 @@ def main(args):
 
     # COMMON: training loop
     loss_model.train()
-    t_start, tokens_seen = time.time(), 0
+    t_start, tokens_seen, compiled_before = time.time(), 0, common.compile_seconds()
     for step in range(start_step, args.steps):
-        t0 = time.time()
+        t0, compiled = time.time(), common.compile_seconds()
         batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
                    for ids in common.micro_batches(schedule[step], rt, micro)]
         global_tokens = common.count_loss_tokens(batches)
@@ -449,8 +455,8 @@ def main(args):
         # COMMON: logging (the logged loss is the optimised loss: global token mean)
         stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
         tokens_seen += stats_t[1].item()
-        dt = time.time() - t0
-        elapsed = time.time() - t_start
+        dt = time.time() - t0 - (common.compile_seconds() - compiled)  # tok/s and ETA leave out the compile
+        elapsed = time.time() - t_start - (common.compile_seconds() - compiled_before)
         logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
@@ -465,9 +471,9 @@ def main(args):
             logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
     # COMMON: evaluate and save
-    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
-    final.update(parameter_drift(model, start, prior))  # METHOD: where training moved theta, relative to Delta
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)  # after saving: a crash here loses nothing
+    final.update(parameter_drift(model, start, prior))  # METHOD: where training moved theta, relative to Delta
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
     print0(f"saved {os.path.join(args.output_dir, 'final')}")
