@@ -2,15 +2,18 @@
 
 Method: for each correct reference program, a model writes similar but incorrect variants; the sandboxed tests
 confirm they fail. The lines (difflib) and characters (Levenshtein alignment) of the correct program that differ
-from its closest failing variant are "error-sensitive"; their tokens get a larger weight in the cross-entropy on
-the correct program, and that emphasis changes over training. Only the correct program is ever a target.
+from its closest failing variant are "error-sensitive"; their tokens get a larger weight w_j in the cross-entropy on
+the correct program, L = -(1/n) sum_j w_j log p(c_j | prompt, c_<j). Only the correct program is ever a target.
+The paper's weight rule is not readable: the defaults are the least-assuming reading of that formula (raw weights,
+constant over training); per-sequence renormalisation and a decaying emphasis are ablations.
 
 Usage:
     python fait.py                                  # embedded world: code with tests, variants sampled from the base
     torchrun --nproc_per_node 8 fait.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --dataset google-research-datasets/mbpp:full \
         --eval_datasets mbpp=google-research-datasets/mbpp:full --teacher Qwen/Qwen2.5-Coder-7B-Instruct \
         --dtype bfloat16 --lr 1e-5 --max_length 1024 --gen_max_new_tokens 512
-    python fait.py --granularity line               # ablations: line | token | both; --weight_schedule constant = static
+    python fait.py --epochs 1                       # one pass over the data, as the paper trains (16 steps here)
+    python fait.py --granularity line               # ablations: line | token | both; --weight_schedule decay; --renormalize true
     python fait.py --resume auto                    # reuses the cached variants (content hash) and the checkpoint
 The variants are saved as <cache_dir>/fait_variants-<hash>.jsonl. Model-generated code runs only in common.run_sandboxed.
 """
@@ -106,10 +109,12 @@ class Args:
     """weight added to changed tokens (token level); our provisional default"""
     granularity: str = "both"
     """which differences are error-sensitive: both | line | token (the paper's ablation)"""
-    weight_schedule: str = "decay"
-    """how the emphasis changes over training: decay (linear to 0 at the last step) | constant (static ablation)"""
-    renormalize: bool = True
-    """rescale each sequence's weights to mean 1 over its loss tokens (README default; false = raw weights)"""
+    weight_schedule: str = "constant"
+    """how alpha and beta change over training: constant (default; no schedule is in the sources) | decay (ablation: linear to 0 at the last step)"""
+    renormalize: bool = False
+    """ablation: rescale each sequence's weights to mean 1 over its loss tokens (the project spec's earlier default; not in the visible formula)"""
+    epochs: int = 0
+    """passes over the training data, the step count becoming epochs x floor(N / batch_size) (the paper trains 1); 0 = use --steps, which must then stay at its default"""
     teacher: str = ""
     """model that writes the incorrect variants (hub id or directory); empty = the starting model"""
     variant_prompts: str = "corrupt,task"
@@ -206,8 +211,10 @@ def choose_variant(correct: str, candidates: list, judge, min_similarity: float)
 
 
 def emphasis(step: int, steps: int, schedule: str) -> float:
-    """The 'dynamic' part, our choice (the paper's schedule is not readable): a factor on alpha and beta,
-    1 at step 0 decaying linearly to 0 at the last step (decay), or 1 throughout (constant = static)."""
+    """A factor on alpha and beta over training. The paper's "dynamic" is not readable, and no source ties it to
+    the step (the secondary summary ties it to the token's significance and the correct/incorrect pair), so the
+    default is 1 throughout (constant); decay (1 at step 0, linearly to 0 at the last step: FAIT becomes SFT) is
+    the ablation, the project's earlier default."""
     if schedule == "constant":
         return 1.0
     if schedule == "decay":
@@ -215,18 +222,26 @@ def emphasis(step: int, steps: int, schedule: str) -> float:
     raise ValueError(f"--weight_schedule must be decay or constant, got {schedule!r}")
 
 
-def fait_weights(line_mask, token_mask, loss_mask, alpha: float, beta: float, renormalize: bool = True):
-    """Per-token loss weights [B, T] (no gradient), our reading of FAIT's dynamic importance reweighting
-    (arXiv 2503.16913, Sec. 3.2; its exact rule was not readable, this is methods/README.md's default):
-    w_j = 1 + alpha * line_j + beta * token_j on loss tokens (0 elsewhere); with `renormalize`, each sequence's
-    weights are rescaled to mean 1 over its loss tokens, so emphasis moves loss between a program's tokens
-    without changing the program's total. The loss is then -(1/n) sum_j w_j log p(c_j | prompt, c_<j) with
-    n = the global count of loss tokens, the project's one rule (the paper's n is not readable either).
+def fait_weights(line_mask, token_mask, loss_mask, alpha: float, beta: float, renormalize: bool = False):
+    """Per-token loss weights w_j [B, T] (no gradient) of FAIT's dynamic importance reweighting (arXiv 2503.16913,
+    Sec. 3.2). The paper's rule for w_j is not readable; the only visible formula (a secondary summary, Moonlight)
+    is L_Fait = -(1/n) sum_i sum_j w_j log P(c_correct,i,j | p_target,i, c_correct,i,<j), with w_j larger on
+    error-sensitive tokens. Our reading: w_j = 1 + alpha * line_j + beta * token_j on loss tokens (0 elsewhere;
+    line_mask, token_mask = the two error-sensitive masks, loss_mask = the correct code's loss tokens), used raw as
+    the formula shows. `renormalize` (ablation, the project spec's earlier default, not in the formula) rescales
+    each sequence's weights to mean 1 over its loss tokens, so emphasis only moves loss between a program's
+    tokens. n = the global count of loss tokens, the project's one rule (the paper's n is not readable either).
     alpha = beta = 0, or empty masks, gives weights 1: plain SFT."""
     raw = (1 + alpha * line_mask + beta * token_mask) * loss_mask
     if renormalize:
         raw = raw * loss_mask.sum(-1, keepdim=True) / raw.sum(-1, keepdim=True).clamp(min=1e-12)
     return raw.detach()
+
+
+def epoch_steps(samples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of `epochs` passes over `samples` training samples (--epochs): common.batch_schedule cuts
+    each epoch into floor(samples / batch_size) batches (dropping the remainder, other samples each epoch)."""
+    return epochs * (samples // batch_size)
 
 
 def token_masks(tokenizer, example: dict, line: list, token: list) -> tuple:
@@ -318,6 +333,17 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
 
 
 def main(args):
+    # METHOD: bad flags fail before anything loads
+    if args.granularity not in ("both", "line", "token"):
+        raise common.UsageError(f"--granularity must be both, line or token, got {args.granularity!r}")
+    if args.weight_schedule not in ("decay", "constant"):
+        raise common.UsageError(f"--weight_schedule must be decay or constant, got {args.weight_schedule!r}")
+    if args.epochs < 0:
+        raise common.UsageError(f"--epochs must be 0 (use --steps) or more, got {args.epochs}")
+    if args.epochs and args.steps != Args.steps:
+        raise common.UsageError(f"--epochs {args.epochs} and --steps {args.steps} both set the training length: give one "
+                                f"(--epochs sets the steps from the data size and --batch_size)")
+
     # COMMON: seed, distributed
     rt = common.setup_distributed(args.device, args.dtype)
     common.prepare_output_dir(args.output_dir, args.resume, args.overwrite, rt)  # before anything is loaded
@@ -339,10 +365,6 @@ def main(args):
         eval_sets[name] = examples[: args.eval_samples or None]
 
     # METHOD: incorrect variants from the teacher, judged in the sandbox, cached by content hash (reused on resume)
-    if args.granularity not in ("both", "line", "token"):
-        raise common.UsageError(f"--granularity must be both, line or token, got {args.granularity!r}")
-    if args.weight_schedule not in ("decay", "constant"):
-        raise common.UsageError(f"--weight_schedule must be decay or constant, got {args.weight_schedule!r}")
     for i, ex in enumerate(train):
         if ex["task"] != "code":
             raise common.UsageError(f"{args.dataset}: sample {i + 1} has no tests (task {ex['task']!r}); fait.py needs "
@@ -390,6 +412,9 @@ def main(args):
     if args.batch_size % (micro * rt.world_size):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "
                          f"x {rt.world_size} processes")
+    if args.epochs:  # METHOD: --epochs: the step count from the data size
+        args.steps = epoch_steps(len(train), args.batch_size, args.epochs)
+        print0(f"--epochs {args.epochs}: {args.steps} steps of {args.batch_size} samples")
     schedule = common.batch_schedule([len(e["input_ids"]) for e in train], args.batch_size, args.steps, args.seed)
     common.check_objective(model, common.collate(train, schedule[0][:2] if schedule else [0], tokenizer.pad_token_id, rt.device), rt)
 

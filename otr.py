@@ -12,6 +12,7 @@ Method:
 Usage:
     python otr.py                                   # embedded world, sft.py's budget, K 256, kappa 1.3, beta -0.1
     python otr.py --beta 0 --kappa 1                # the expected gradient is DFT's (see otr_objective)
+    python otr.py --seq_norm true                   # the paper's per-sequence 1/T average (default: global token mean)
     torchrun --nproc_per_node 8 otr.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
         --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
 """
@@ -107,6 +108,8 @@ class Args:
     """reward of a drawn token that is not the dataset token (< 1). PROVISIONAL: the paper uses a slightly negative value whose number we could not read"""
     estimator: str = "mc"
     """mc: the paper's K-sample Monte Carlo loss | exact: its expectation over pi' in closed form (not in the paper; no sampling noise)"""
+    seq_norm: bool = False
+    """normalise by sequence, (1/B) sum_i (1/T_i) sum_t l_it (the paper's 1/T, per its reviewers); false = the global token mean of every script and of sft.py's baseline"""
 
 
 ESTIMATORS = ("mc", "exact")
@@ -124,8 +127,12 @@ def otr_objective(logits, labels, weights, uniforms, kappa, beta):
     1; pi' and the rewards carry no gradient; there is no importance ratio pi/pi' and no baseline besides beta.
     Logit gradient: mean_j(R_j) softmax(z) - (1/K) sum_j R_j e_{a_j}; in expectation
     (1-beta) pi'(y)(softmax(z) - e_y) + beta (softmax(z) - pi').
-    Unverified against the paper's text: whether y_t is forced into the draws (here it is not) and the 1/T
-    sequence averaging (here: the global token mean of every script). Returns (loss, log p_t, hit fraction)."""
+    Unverified against the paper's text: whether y_t is forced into the draws (here it is not); the 1/T
+    sequence average (default: the global token mean of every script; --seq_norm: the paper's 1/T, see
+    sequence_weights); and log pi_theta vs log pi'_theta (a reviewer asks why pi carries a prime in Eq. 6; with
+    log pi', whose gradient runs through z / kappa, the expected gradient is ((1-beta)/kappa) pi'(y)(pi' - e_y):
+    beta only scales it and the beta (pi - pi') sharpening term is gone; we follow the other reviewer's closed
+    form, log pi at temperature 1). Returns (loss, log p_t, hit fraction)."""
     lse = logits.logsumexp(-1, keepdim=True)
     z = logits.detach()
     cdf = ((z - z.amax(-1, keepdim=True)) / kappa).exp().cumsum(-1)  # pi' up to its normaliser, the last column
@@ -152,6 +159,23 @@ def otr_expected_objective(logits, labels, weights, kappa, beta):
     return weights * loss, logp, label_sampling
 
 
+def sequence_weights(targets, dtype=torch.float32):
+    """Per-token weights [B, T] for the paper's per-sequence average (--seq_norm; OTR's L = -(1/T) sum_t ... and
+    its SFT Eq. 1 as the reviewers restate them): 1/T_i on the T_i loss tokens of sequence i, 0 elsewhere. With
+    the step's summed loss divided by the global number of sequences that have loss tokens
+    (count_loss_sequences) instead of tokens, the step's loss is (1/B) sum_i (1/T_i) sum_t l_it, the same for any
+    micro-batch x accumulation x processes split (a sequence never straddles micro-batches). Equal lengths give
+    the global token mean."""
+    mask = (targets != common.IGNORE_INDEX).to(dtype)
+    return mask / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+def count_loss_sequences(batches) -> torch.Tensor:
+    """Global number of sequences with at least one loss token in this step (one all-reduce): --seq_norm's B."""
+    local = sum(int((b["targets"] != common.IGNORE_INDEX).any(-1).sum()) for b in batches)
+    return common.all_reduce_sum(torch.tensor(float(local), device=batches[0]["targets"].device))
+
+
 def rollout_uniforms(batch, ids, step, args):
     """U(0,1) draws [B, T, K] for the micro-batch's one-token rollouts, seeded per (seed, step, sample index):
     the same for any micro-batching, number of processes or resume point."""
@@ -166,15 +190,20 @@ def rollout_uniforms(batch, ids, step, args):
 
 # COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
 def compute_loss(model, batch, args):
-    """Summed per-token OTR loss of a micro-batch; the caller normalises by the global token count."""
+    """Summed per-token OTR loss of a micro-batch; the caller normalises by the global token count (--seq_norm:
+    the global sequence count, the tokens weighted by sequence_weights)."""
     hidden, router_loss, metrics = common.decoder_forward(model, batch)  # router_loss: MoE load balancing, else 0
     # METHOD: OTR's objective in training; the held-out loss (no grad) stays plain cross-entropy, as in sft.py
-    objective, inputs, constants = common.cross_entropy_objective, (), ()
+    objective, inputs, constants, weights = common.cross_entropy_objective, (), (), None
     if torch.is_grad_enabled():
         objective, inputs = (otr_objective, (batch["uniforms"],)) if args.estimator == "mc" else (otr_expected_objective, ())
         constants = (torch.tensor(args.kappa, device=hidden.device), torch.tensor(args.beta, device=hidden.device))
+        if args.seq_norm:  # the paper's 1/T per sequence; the MoE router loss from token units to sequence units
+            weights = sequence_weights(batch["targets"], torch.promote_types(hidden.dtype, torch.float32))
+            mask = batch["targets"] != common.IGNORE_INDEX
+            router_loss = router_loss * mask.any(-1).sum() / mask.sum().clamp(min=1)
     loss_sum, logp, *hits = common.fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, batch["targets"],
-                                                              objective=objective, token_inputs=inputs, constants=constants,
+                                                              weights, objective=objective, token_inputs=inputs, constants=constants,
                                                               logit_map=common.logit_map(model),
                                                               chunk_size=args.chunk_size or None, compile=args.compile)
     mask = batch["targets"] != common.IGNORE_INDEX
@@ -262,11 +291,12 @@ def main(args):
             if args.estimator == "mc":
                 batch["uniforms"] = rollout_uniforms(batch, ids, step, args)
         global_tokens = common.count_loss_tokens(batches)
+        normaliser = count_loss_sequences(batches) if args.seq_norm else global_tokens  # METHOD: --seq_norm's 1/B
         loss_total, padded, real = torch.zeros((), device=rt.device), 0, 0
         for i, batch in enumerate(batches):
             with common.gradient_sync(loss_model, sync=i == len(batches) - 1):
                 loss_sum, metrics = loss_model(batch)
-                common.normalized_loss(loss_sum, global_tokens, rt.world_size).backward()
+                common.normalized_loss(loss_sum, normaliser, rt.world_size).backward()
             loss_total += loss_sum.detach()
             padded, real = padded + batch["attention_mask"].numel(), real + int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(), args.max_grad_norm or float("inf"))
@@ -276,12 +306,12 @@ def main(args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # COMMON: logging (the logged loss is the optimised loss: global token mean)
+        # COMMON: logging (the logged loss is the optimised loss: global token mean; --seq_norm: mean of sequence means)
         stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
         tokens_seen += stats_t[1].item()
         dt = time.time() - t0
         elapsed = time.time() - t_start
-        logger.log({"step": step + 1, "loss": stats_t[0].item() / global_tokens.item(), "lr": lr,
+        logger.log({"step": step + 1, "loss": stats_t[0].item() / normaliser.item(), "lr": lr,
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
                     "loss_tokens": int(global_tokens.item()), "eta_s": elapsed / (step + 1 - start_step) * (args.steps - step - 1),

@@ -5,7 +5,8 @@ set -euo pipefail
 # PROVISIONAL (the paper's "slightly negative" value was not readable). Claim (from the public reviews): OTR beats
 # SFT on in-domain math (GSM8K, MATH) and falls below the base model on other skills less often (Qwen2.5/Qwen3).
 # Here: OTR vs SFT (and DFT, whose expected gradient it equals at kappa 1) on GSM8K with sft.sh's equal budget,
-# held-out MBPP, SQuAD and TriviaQA.
+# held-out MBPP, SQuAD and TriviaQA. The loss is the global token mean, as in sft.sh's baseline (--seq_norm false);
+# the paper's per-sequence 1/T average is --seq_norm true (sft.py has no such flag, so the baseline would differ).
 # Hardware: 8x H100 80GB (NPROC=8, default) or NPROC=1 on one H100/H200 (the same numbers). bf16.
 # Time: not measured (the sampler adds ~1.07x to a step on one H200 at the embedded scale).
 # Models and datasets download from the Hugging Face hub. The SFT and DFT baselines are sft.sh's and dft.sh's runs
@@ -19,7 +20,8 @@ bash benchmark/dft.sh
 
 for seed in $SEEDS; do
   launch "$OUT/otr_s$seed" torchrun --standalone --nproc_per_node "$NPROC" otr.py --model "$MODEL" "${MATH[@]}" \
-    --seed "$seed" --eval_before "$(first "$seed")" --samples 256 --kappa 1.3 --beta -0.1 --estimator mc
+    --seed "$seed" --eval_before "$(first "$seed")" --samples 256 --kappa 1.3 --beta -0.1 --estimator mc \
+    --seq_norm false
 done
 
 python results.py "$OUT"/sft_s[0-9]* "$OUT"/dft_s[0-9]* "$OUT"/otr_s[0-9]* --metrics "${MATH_METRICS[@]}"

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import common
 import fait
 import sft
-from scripts import losses, run_script
+from scripts import losses, records, run_script
 
 CODE = os.path.join(common.WORLD_DIR, "data", "code", "train.jsonl")
 QUICK = ["--steps", "3", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--compile", "false"]
@@ -127,6 +128,7 @@ def test_weights_against_the_direct_formula_and_limits():
         raw = [(1 + 2 * line[b, t] + 3 * token[b, t]).item() for t in range(7) if loss_mask[b, t]]
         want = [r * len(raw) / sum(raw) for r in raw]
         assert w[b][loss_mask[b].bool()].tolist() == pytest.approx(want, rel=1e-6)
+    assert torch.equal(fait.fait_weights(line, token, loss_mask, 2.0, 3.0), (1 + 2 * line + 3 * token) * loss_mask)  # default: raw
     for renorm in (True, False):  # the SFT limits: no emphasis, or no differences
         assert torch.equal(fait.fait_weights(line, token, loss_mask, 0.0, 0.0, renorm), loss_mask)
         assert torch.equal(fait.fait_weights(0 * line, 0 * token, loss_mask, 2.0, 3.0, renorm), loss_mask)
@@ -135,11 +137,35 @@ def test_weights_against_the_direct_formula_and_limits():
 def test_emphasis_schedule():
     assert [fait.emphasis(s, 4, "decay") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     assert {fait.emphasis(s, 4, "constant") for s in range(4)} == {1.0}
+    assert fait.Args().weight_schedule == "constant" and fait.Args().renormalize is False  # the defaults: the visible formula
     with pytest.raises(ValueError):
         fait.emphasis(0, 4, "cosine")
 
 
-def batch_of(world, alpha, beta, renormalize):
+def test_one_epoch_sees_each_sample_at_most_once():
+    """--epochs: the world's 534 programs at batch 32 are 16 steps an epoch; one epoch's schedule has no repeated
+    sample (22 are left out), two epochs use each sample at most twice."""
+    assert fait.epoch_steps(534, 32, 1) == 16 and fait.epoch_steps(534, 32, 2) == 32 and fait.epoch_steps(40, 8, 3) == 15
+    lengths = [random.Random(i).randint(5, 50) for i in range(534)]
+    for epochs in (1, 2):
+        seen = [i for batch in common.batch_schedule(lengths, 32, fait.epoch_steps(534, 32, epochs), 0) for i in batch]
+        assert len(seen) == 512 * epochs and max(seen.count(i) for i in set(seen)) == epochs
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(epochs=1, steps=50), "--epochs 1 and --steps 50 both set the training length"),
+    (dict(epochs=-1), "--epochs must be 0 (use --steps) or more, got -1"),
+    (dict(weight_schedule="cosine"), "--weight_schedule must be decay or constant"),
+    (dict(granularity="words"), "--granularity must be both, line or token"),
+])
+def test_bad_flags_fail_before_anything_is_loaded_or_written(tmp_path, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(common.UsageError, match=re.escape(message)):
+        fait.main(fait.Args(output_dir=str(out), cache_dir=str(tmp_path / "cache"), model=str(tmp_path / "absent"), **flags))
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def batch_of(world, alpha, beta, renormalize=None):
     model, tokenizer = world
     examples = []
     for correct, wrong in [("def add_twelve(x):\n    return x + 12", "def add_twelve(x):\n    return x - 12"),
@@ -149,7 +175,7 @@ def batch_of(world, alpha, beta, renormalize):
         examples.append(ex)
     batch = common.collate(examples, [0, 1], tokenizer.pad_token_id, "cpu", ("line_mask", "token_mask"))
     batch["emphasis"] = 1.0
-    args = fait.Args(alpha=alpha, beta=beta, renormalize=renormalize, compile=False)
+    args = fait.Args(alpha=alpha, beta=beta, compile=False, **({} if renormalize is None else {"renormalize": renormalize}))
     return model, batch, args
 
 
@@ -170,7 +196,7 @@ def test_weights_one_equal_sft_loss_and_gradients(world):
 
 
 def test_weighted_loss_against_full_logits(world):
-    model, batch, args = batch_of(world, 2.0, 1.0, False)
+    model, batch, args = batch_of(world, 2.0, 1.0)  # the default: raw weights, constant emphasis
     model = copy.deepcopy(model).double()  # float64: the comparison is exact up to rounding
     loss, metrics = fait.compute_loss(model, batch, args)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -223,7 +249,8 @@ def test_find_variants_checks_the_reference_and_runs_candidates_in_the_sandbox(m
 
 def run(out, *extra, check=True, script="fait.py"):
     cache = ["--cache_dir", str(out)] if script == "fait.py" and "--cache_dir" not in extra else []
-    return run_script(script, out, *QUICK, *extra, *cache, check=check)
+    quick = QUICK[2:] if "--epochs" in extra else QUICK  # --epochs replaces --steps
+    return run_script(script, out, *quick, *extra, *cache, check=check)
 
 
 def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(tmp_path):
@@ -231,10 +258,11 @@ def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(
     with open(CODE) as f:
         data.write_text("".join(next(f) for _ in range(16)))
     proc = run(tmp_path / "fait", "--dataset", str(data), "--alpha", "0", "--beta", "0", "--num_samples", "2",
-               "--cache_dir", str(tmp_path / "cache"))
-    run(tmp_path / "sft", "--dataset", str(data), script="sft.py")
-    assert losses(tmp_path / "fait") == losses(tmp_path / "sft") and len(losses(tmp_path / "sft")) == 3
-    assert "FAIT variants:" in proc.stdout
+               "--cache_dir", str(tmp_path / "cache"), "--epochs", "1")  # one epoch of 16 at batch 8: 2 steps
+    run(tmp_path / "sft", "--dataset", str(data), "--steps", "2", script="sft.py")
+    assert losses(tmp_path / "fait") == losses(tmp_path / "sft") and len(losses(tmp_path / "sft")) == 2
+    assert "FAIT variants:" in proc.stdout and "--epochs 1: 2 steps of 8 samples" in proc.stdout
+    assert {r["method/emphasis"] for r in records(tmp_path / "fait") if "loss" in r} == {1.0}  # constant by default
     cache = [f for f in os.listdir(tmp_path / "cache") if f.startswith("fait_variants-")]
     rows = common.read_records(str(tmp_path / "cache" / cache[0]))
     tests = [json.loads(line)["test_list"] for line in data.read_text().splitlines()]
@@ -254,5 +282,5 @@ def test_bad_inputs_are_clear_errors(tmp_path, world):
     tokenizer.save_pretrained(other)
     proc = run(tmp_path / "b", "--dataset", CODE, "--teacher", str(other), check=False)
     assert proc.returncode != 0 and "its tokenizer differs" in proc.stderr
-    proc = run(tmp_path / "c", "--dataset", CODE, "--granularity", "words", check=False)
-    assert proc.returncode != 0 and "--granularity must be" in proc.stderr
+    proc = run(tmp_path / "c", "--dataset", CODE, "--epochs", "1", "--steps", "5", check=False)  # one line, no traceback
+    assert proc.returncode != 0 and "both set the training length" in proc.stderr and "Traceback" not in proc.stderr

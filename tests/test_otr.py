@@ -1,6 +1,7 @@
 """OTR: the Monte-Carlo loss against its closed-form expectation (value and logit gradient, error shrinking with
 K), the limiting cases (kappa = 1 -> (1 - beta) x DFT; beta = 0, kappa -> inf -> SFT / V; beta = 1, kappa = 1 -> 0),
-the sampler, chunk invariance, determinism, bad input, and the script end to end."""
+the sampler, chunk invariance, determinism, --seq_norm's per-sequence 1/T average (direct formula, any split in
+float64), bad input, and the script end to end."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,92 @@ def test_rollout_uniforms_depend_on_seed_step_and_sample_only():
     assert (a[0, 3:] == 0).all() and (a[0, :3] > 0).all()
     assert not torch.equal(a, otr.rollout_uniforms(batch, [4, 9], 4, args))
     assert not torch.equal(a, otr.rollout_uniforms(batch, [4, 9], 3, otr.Args(samples=8, seed=1)))
+
+
+def test_sequence_weights_direct_and_limits():
+    targets = torch.full((4, 6), IGNORE_INDEX)
+    targets[0, 1:3] = 5  # T = 2
+    targets[1, :] = 7  # T = 6
+    targets[3, 2:5] = 1  # T = 3; row 2 has no loss tokens
+    w = otr.sequence_weights(targets, torch.float64)
+    for i, t in [(0, 2), (1, 6), (3, 3)]:
+        assert w[i][targets[i] != IGNORE_INDEX].tolist() == [1 / t] * t and w[i].sum() == pytest.approx(1)
+    assert not w[2].any() and not w[targets == IGNORE_INDEX].any()
+    batches = [{"targets": targets[:2]}, {"targets": targets[2:]}]
+    assert otr.count_loss_sequences(batches).item() == 3  # the empty row is not a sequence of the average
+    same = torch.zeros(3, 5, dtype=torch.long)  # equal lengths: the per-sequence mean is the global token mean
+    torch.testing.assert_close(otr.sequence_weights(same, torch.float64) * 5, torch.ones(3, 5, dtype=torch.float64))
+
+
+def test_seq_norm_is_the_per_sequence_mean_for_any_split(monkeypatch):
+    """--seq_norm, float64, a tiny random Llama: the step's loss and gradient are (1/B) sum_i (1/T_i) sum_t l_it
+    computed directly on full logits, identical for 1 micro-batch, 4 accumulated micro-batches and 2 processes x
+    micro-batches of 1 (the loop's normalized_loss over count_loss_sequences, DDP's gradient average); and they
+    differ from the global token mean, because the lengths differ."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, initializer_range=0.5)
+    model = transformers.LlamaForCausalLM(config).double()
+    g = torch.Generator().manual_seed(0)
+    examples = {}
+    for i, (prompt, response) in zip([3, 8, 11, 20], [(2, 3), (5, 9), (1, 2), (4, 14)]):  # T_i = response length
+        tokens = torch.randint(4, 40, (prompt + response,), generator=g).tolist()
+        examples[i] = {"input_ids": tokens, "labels": [IGNORE_INDEX] * prompt + tokens[prompt:]}
+    ids = sorted(examples)
+    params = list(model.parameters())
+
+    def step(ranks, micro, seq_norm=True):
+        """The loss and gradient of one optimizer step, as the training loop computes them on `ranks` processes."""
+        args = otr.Args(samples=16, seq_norm=seq_norm, compile=False)
+        per_rank = []
+        for rank in range(ranks):
+            rt = common.Runtime(rank, rank, ranks, torch.device("cpu"), rank == 0)
+            per_rank.append([])
+            for mine in common.micro_batches(ids, rt, micro):
+                batch = common.collate(examples, mine, 0, "cpu")
+                per_rank[-1].append(batch | {"uniforms": otr.rollout_uniforms(batch, mine, 0, args)})
+        everything = sum(per_rank, [])  # what the all-reduce of the count sees
+        n = otr.count_loss_sequences(everything) if seq_norm else common.count_loss_tokens(everything)
+        loss, grads = 0.0, [torch.zeros_like(p) for p in params]
+        for batches in per_rank:
+            for batch in batches:
+                part = common.normalized_loss(otr.compute_loss(model, batch, args)[0], n, ranks)
+                for total, grad in zip(grads, torch.autograd.grad(part, params)):
+                    total += grad / ranks  # DDP averages the ranks' gradients
+                loss += part.item() / ranks
+        return loss, grads, args
+
+    full = step(1, 4)
+    for other in (step(1, 1), step(2, 1)):
+        assert other[0] == pytest.approx(full[0], rel=1e-12)
+        for a, b in zip(other[1], full[1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    # the direct formula, sequence by sequence on full logits
+    args = full[2]
+    means = []
+    for i in ids:
+        batch = common.collate(examples, [i], 0, "cpu")
+        keep = batch["targets"][0] != IGNORE_INDEX
+        logits = model(input_ids=batch["input_ids"]).logits[0][keep]
+        uniforms = otr.rollout_uniforms(batch, [i], 0, args)[0][keep]
+        per_token = otr.otr_objective(logits, batch["targets"][0][keep], torch.ones(len(logits), dtype=logits.dtype),
+                                      uniforms, torch.tensor(args.kappa), torch.tensor(args.beta))[0]
+        means.append(per_token.mean())
+    direct = torch.stack(means).mean()
+    assert full[0] == pytest.approx(direct.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(direct, params), full[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    token_mean = step(1, 4, seq_norm=False)[0]
+    assert abs(token_mean - full[0]) > 0.05 * abs(full[0])  # the flag changes the loss
+    # a MoE router loss (token units: 0.5 per loss token) still adds 0.5 to the step's loss under either rule
+    forward = common.decoder_forward
+    monkeypatch.setattr(common, "decoder_forward", lambda model, batch: (
+        lambda out: (out[0], 0.5 * (batch["targets"] != IGNORE_INDEX).sum().double(), out[2]))(forward(model, batch)))
+    assert step(1, 4)[0] == pytest.approx(full[0] + 0.5, rel=1e-12)
+    assert step(2, 1)[0] == pytest.approx(full[0] + 0.5, rel=1e-12)
+    # (common.count_loss_tokens is float32, so 1/N is rounded to float32 there: 1e-7, not 1e-12)
+    assert step(1, 4, seq_norm=False)[0] == pytest.approx(token_mean + 0.5, rel=1e-7)
 
 
 @pytest.mark.parametrize("flags,message", [
