@@ -31,8 +31,12 @@ class Args:
     # COMMON: the same block in every script
     model: str = os.path.join(common.WORLD_DIR, "base")
     """hub id or local directory of the starting model (Hugging Face format, safetensors)"""
+    chat_template: str = ""
+    """chat template for a base model without one: a Jinja file, or a tokenizer (directory or hub id) to take it from"""
     dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
     """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    dataset_split: str = "train"
+    """split of --dataset to train on when it is a hub id or a saved DatasetDict"""
     eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
         ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
         ("knowledge", "knowledge", "test")])
@@ -83,6 +87,8 @@ class Args:
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
     """keep the newest N checkpoints (0 = all)"""
+    report_to: str = "none"
+    """mirror metrics.jsonl to a tracker: none | tensorboard | wandb | trackio (optional extras: requirements-extras.txt)"""
     resume: str = ""
     """checkpoint directory to continue from, or `auto` for the latest in output_dir"""
     overwrite: bool = False
@@ -242,11 +248,11 @@ def main(args):
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code)  # master weights
+    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code, args.chat_template)  # master weights
     model.config.use_cache = False
 
     # COMMON: data
-    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong)
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong, args.dataset_split)
     print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
     eval_sets = {}
     for pair in filter(None, args.eval_datasets.split(",")):
@@ -275,16 +281,16 @@ def main(args):
     if resume:
         start_step = common.load_checkpoint(resume, model, optimizer, scheduler, rt, args.fsdp)["step"]
         print0(f"resumed from {resume} at step {start_step}")
-    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume))
+    logger = common.MetricsLogger(args.output_dir, rt, args.steps, resume=bool(resume), report_to=args.report_to)
     logger.log({"event": "config", **dataclasses.asdict(args), "world_size": rt.world_size, **{f"data/{k}": v for k, v in stats.items()}})
     if args.eval_before and not resume:
         logger.log({"event": "eval_before", **evaluate(model, tokenizer, loss_model, eval_sets, rt, args, 0)})
 
     # COMMON: training loop
     loss_model.train()
-    t_start, tokens_seen = time.time(), 0
+    t_start, tokens_seen, compiled_before = time.time(), 0, common.compile_seconds()
     for step in range(start_step, args.steps):
-        t0 = time.time()
+        t0, compiled = time.time(), common.compile_seconds()
         batches = [common.collate(train, ids, tokenizer.pad_token_id, rt.device)
                    for ids in common.micro_batches(schedule[step], rt, micro)]
         for ids, batch in zip(common.micro_batches(schedule[step], rt, micro), batches):  # METHOD: this step's draws
@@ -309,8 +315,8 @@ def main(args):
         # COMMON: logging (the logged loss is the optimised loss: global token mean; --seq_norm: mean of sequence means)
         stats_t = common.all_reduce_sum(torch.tensor([loss_total.item(), float(real), float(padded)]))
         tokens_seen += stats_t[1].item()
-        dt = time.time() - t0
-        elapsed = time.time() - t_start
+        dt = time.time() - t0 - (common.compile_seconds() - compiled)  # tok/s and ETA leave out the compile
+        elapsed = time.time() - t_start - (common.compile_seconds() - compiled_before)
         logger.log({"step": step + 1, "loss": stats_t[0].item() / normaliser.item(), "lr": lr,
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "tokens": int(stats_t[1].item()), "tokens_per_s": stats_t[1].item() / dt, "padding_fraction": 1 - stats_t[1].item() / stats_t[2].item(),
@@ -325,8 +331,8 @@ def main(args):
             logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
     # COMMON: evaluate and save
-    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)
     common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
+    final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)  # after saving: a crash here loses nothing
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})
     print0(f"saved {os.path.join(args.output_dir, 'final')}")

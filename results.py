@@ -91,7 +91,7 @@ ROWS = {
     "soup_uniform": ("uniform soup of the SFT runs", "math", "merge.py"),
     "soup_greedy": ("greedy soup of the SFT runs", "math", "merge.py"),
     "lines": ("LiNeS (alpha 0.25) of each SFT run", "math", "merge.py"),
-    "sft_code": ("SFT", "code", "sft.py"), "fait": ("FAIT", "code", "fait.py"),
+    "sft_code": ("SFT", "code", "sft.py"), "fait": ("FAIT (self-mined variants)", "code", "fait.py"),
     "drift_merge": ("naive merge theta_T + 0.5 Delta", "drift", None),
     "drift_sft": ("SFT from theta_T (`--alpha 0`)", "drift", "drift.py"), "drift": ("DRIFT", "drift", "drift.py"),
 }
