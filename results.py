@@ -4,6 +4,7 @@
     python results.py --suite quick         # 1 seed, 8 steps on a data subset, ~7 min: runs/results/quick/RESULTS.md
     python results.py --suite full --report # rewrite RESULTS.md from the finished runs only (no training)
     python results.py runs/study/code30_*   # any finished runs as a table: one row per name, `<name>_s<seed>` are seeds
+    python results.py runs/my_* --plot my.png  # and their curves, the suite's plots for your own runs
 
 The suite runs each method script as its own process (`python <script>.py ...`, the same command a user types; each
 run's command is in its metrics.jsonl config and in <run>/suite.json) into runs/results/<suite>/<run>_s<seed>, one at a
@@ -365,7 +366,19 @@ def matplotlib_available() -> bool:
 
 
 def plot(rows: dict, names: list, path: str, title: str) -> bool:
-    """Training loss and target accuracy against the step, mean over seeds (band: min to max); False without matplotlib."""
+    """The suite's plot of some of its rows: each name's seeds, the starting model as step 0 of the accuracy."""
+    series = []
+    for name in names:
+        seeds = rows.get(name, [])
+        start = start_record(rows, ROWS[name][1]).get(f"eval/{GROUPS[ROWS[name][1]][0]}/accuracy") if seeds else None
+        curves = [(r["loss"], ({0: start} if start is not None else {}) | dict(r["curve"])) for r in seeds]
+        series.append((ROWS[name][0], curves))
+    return draw(series, path, title)
+
+
+def draw(series: list, path: str, title: str, accuracy_label: str = "target accuracy, % (greedy, judge)") -> bool:
+    """Training loss and target accuracy against the step for [(label, [(loss by step, accuracy by step) per seed])],
+    mean over seeds (band: min to max). False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -373,35 +386,55 @@ def plot(rows: dict, names: list, path: str, title: str) -> bool:
     except ImportError:
         return False
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in names:
-        seeds = rows.get(name, [])
+    for label, seeds in series:
         if not seeds:
             continue
-        start = start_record(rows, ROWS[name][1]).get(f"eval/{GROUPS[ROWS[name][1]][0]}/accuracy")
-        for ax, key in ((ax_loss, "loss"), (ax_acc, "curve")):
-            curves = [dict(r[key]) for r in seeds]
-            if key == "curve" and start is not None:
-                for c in curves:
-                    c.setdefault(0, start)
+        for ax, k in ((ax_loss, 0), (ax_acc, 1)):
+            curves = [dict(seed[k]) for seed in seeds]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             if not steps:
                 continue
-            ys = [[c[s] * (100 if key == "curve" else 1) for c in curves] for s in steps]
-            if key == "loss" and len(steps) > 20:  # a running mean over 5 steps: one batch's loss is noisy
+            ys = [[c[s] * (100 if k == 1 else 1) for c in curves] for s in steps]
+            if k == 0 and len(steps) > 20:  # a running mean over 5 steps: one batch's loss is noisy
                 ys = [[statistics.mean(y[j] for y in ys[max(0, i - 4):i + 1]) for j in range(len(curves))] for i in range(len(ys))]
-            line, = ax.plot(steps, [statistics.mean(y) for y in ys], label=ROWS[name][0], marker="o" if key == "curve" else None, ms=3)
+            line, = ax.plot(steps, [statistics.mean(y) for y in ys], label=label, marker="o" if k == 1 else None, ms=3)
             if len(seeds) > 1:
                 ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
     ax_loss.set(xlabel="step", ylabel="training cross-entropy (5-step mean)", yscale="log")
-    ax_acc.set(xlabel="step", ylabel="target accuracy, % (greedy, judge)")
+    ax_acc.set(xlabel="step", ylabel=accuracy_label)
     ax_acc.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path + ".tmp.png", dpi=90)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return True
+
+
+def run_curves(run_dir: str) -> tuple:
+    """(training cross-entropy by step, target accuracy by step, target set) of any run directory: the suite's
+    curves for a user's own runs. The target is the run's first --eval_datasets entry, as in every script."""
+    records = read_metrics(run_dir)
+    steps = {r["step"]: r for r in records if "loss" in r and "event" not in r}  # a resumed run logs some steps twice
+    config = next((r for r in records if r.get("event") == "config"), {})
+    target = str(config.get("eval_datasets") or "").split(",")[0].partition("=")[0]
+    key = f"eval/{target}/accuracy"
+    curve = {r.get("step", 0): r[key] for r in records if r.get("event") in ("eval_before", "eval", "eval_after") and key in r}
+    return {s: training_ce(r) for s, r in sorted(steps.items())}, dict(sorted(curve.items())), target
+
+
+def plot_runs(runs: list, path: str) -> bool:
+    """python results.py <run dirs> --plot out.png: one curve per run name, `<name>_s<seed>` directories as seeds."""
+    groups, targets = {}, set()
+    for run in sorted(runs):
+        if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
+            raise SystemExit(f"error: {run}: no metrics.jsonl (not a run directory)")
+        loss, curve, target = run_curves(run)
+        targets.add(target)
+        groups.setdefault(re.sub(r"_s\d+$", "", os.path.basename(os.path.normpath(run))), []).append((loss, curve))
+    label = f"{' / '.join(sorted(t for t in targets if t)) or 'target'} accuracy, % (greedy, judge)"
+    return draw(list(groups.items()), path, ", ".join(groups), label)
 
 
 EXTRAS = {  # method-specific numbers: (label, record, key, scale, digits)
@@ -527,10 +560,16 @@ def main():
     parser.add_argument("--report", action="store_true", help="only write the report from the suite's finished runs")
     parser.add_argument("--root", help="where the suite's runs go (default runs/results/<suite>)")
     parser.add_argument("--out", help="the report (default: RESULTS.md for the full suite, <root>/RESULTS.md otherwise)")
+    parser.add_argument("--plot", help="with run directories: also write their curves (training loss, target accuracy) to this PNG")
     args = parser.parse_args()
     if not args.suite:
         if not args.runs:
             parser.error("give run directories, or --suite full|quick")
+        if args.plot:
+            if not matplotlib_available():
+                raise SystemExit("error: --plot needs matplotlib (pip install -r requirements-extras.txt)")
+            plot_runs(args.runs, args.plot)
+            print(f"wrote {args.plot}")
         return print_table(args.runs, args.metrics)
     root = os.path.abspath(args.root or os.path.join(HERE, "runs", "results", args.suite))
     out = args.out or (os.path.join(HERE, "RESULTS.md") if args.suite == "full" else os.path.join(root, "RESULTS.md"))

@@ -108,6 +108,25 @@ def test_plot_writes_png(tmp_path):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_any_runs_give_the_suites_curves_and_a_plot(tmp_path):
+    """python results.py <run dirs> --plot: a user's own runs, grouped by name, curves on the first eval set."""
+    runs = [write_run(tmp_path, "mine", s, 0.4 + s / 10, [0.1, 0.0, 0.05], before=BASE, resumed_step=(3, 600, 200.0))
+            for s in (0, 1)]
+    for run in runs:  # the first --eval_datasets entry is the target, as in every script
+        path = os.path.join(run.dir, "metrics.jsonl")
+        records = [json.loads(line) for line in open(path)]
+        records[0] = {"event": "config", "eval_datasets": "math=m.jsonl,code=c.jsonl"}
+        open(path, "w").write("".join(json.dumps(r) + "\n" for r in records))
+    loss, curve, target = results.run_curves(runs[1].dir)
+    assert target == "math" and loss == {1: 1.0, 2: 0.5, 3: 9.0} and curve == {0: 0.1, 2: 0.25, 3: 0.5}
+    if results.matplotlib_available():
+        out = str(tmp_path / "plots" / "mine.png")
+        assert results.plot_runs([r.dir for r in runs], out)
+        assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        results.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
+
+
 def test_greedy_soup_claim_compares_the_single_model_chosen_on_validation(tmp_path):
     runs = [write_run(tmp_path, "sft", 0, 0.40, [0.1, 0.0, 0.05], before=BASE), write_run(tmp_path, "sft", 1, 0.30, [0.1, 0.0, 0.05]),
             write_run(tmp_path, "soup_greedy", 0, 0.30, [0.1, 0.0, 0.05]), write_run(tmp_path, "soup_uniform", 0, 0.35, [0.1, 0.0, 0.05])]
