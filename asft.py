@@ -38,6 +38,8 @@ class Args:
     """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
     dataset_split: str = "train"
     """split of --dataset to train on when it is a hub id or a saved DatasetDict"""
+    mask_history: bool = False
+    """train only the last assistant turn of multi-turn data (LLaMA-Factory's mask_history); default: every assistant turn, as TRL"""
     eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
         ("math", "math", "test"), ("math_ood", "math", "test_ood"), ("code", "code", "test"), ("rc", "rc", "test"),
         ("knowledge", "knowledge", "test")])
@@ -249,7 +251,8 @@ def main(args):
     model.config.use_cache = False
 
     # COMMON: data
-    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong, args.dataset_split)
+    train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong, args.dataset_split,
+                                        mask_history=args.mask_history)
     print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
     eval_sets = {}
     for pair in filter(None, args.eval_datasets.split(",")):

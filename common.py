@@ -642,17 +642,26 @@ def to_example(row: dict, where: str) -> dict:
     raise UsageError(f"{where}: unknown schema. Found fields {sorted(keys)}; expected one of [{expected}]")
 
 
-def tokenize_example(tokenizer, messages: list, max_length: int, overlong: str):
-    """input_ids and labels (-100 outside the final assistant turn), or (None, reason) when skipped."""
+def tokenize_example(tokenizer, messages: list, max_length: int, overlong: str, mask_history: bool = False):
+    """input_ids and labels, or (None, reason) when skipped. Every assistant turn is trained (labels -100 elsewhere),
+    as TRL's assistant_only_loss; mask_history=True trains the final one only (LLaMA-Factory's mask_history). Each
+    turn's tokens are those the template adds for it, so the template must render earlier turns the same in context."""
     if not str(messages[-1]["content"]).strip():
         return None, "empty"
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
-    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise UsageError("chat template: the prompt is not a prefix of the full conversation")
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=False)
+    full_ids = render(messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if not mask_history else [len(messages) - 1]
+    labels = [IGNORE_INDEX] * len(full_ids)
+    for i in turns:
+        start, end = render(messages[:i], True), render(messages[:i + 1]) if i + 1 < len(messages) else full_ids
+        if full_ids[:len(start)] != start or full_ids[:len(end)] != end:
+            raise UsageError("chat template: the prompt is not a prefix of the full conversation" if i == turns[-1] else
+                             "chat template: it renders an earlier assistant turn differently in context (e.g. drops "
+                             "its reasoning), so its tokens cannot be trained; use --mask_history to train the last turn only")
+        labels[len(start):len(end)] = full_ids[len(start):len(end)]
+    prompt_len = len(render(messages[:-1], True))
     if len(full_ids) > max_length:
-        if overlong == "drop" or len(prompt_ids) >= max_length:
+        if overlong == "drop" or prompt_len >= max_length:
             return None, "dropped"
         full_ids, labels = full_ids[:max_length], labels[:max_length]
         return (full_ids, labels), "truncated"
@@ -660,8 +669,9 @@ def tokenize_example(tokenizer, messages: list, max_length: int, overlong: str):
 
 
 def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "truncate", split: str = "train",
-                  limit: int = 0) -> tuple:
-    """Read, adapt, tokenize. Returns (examples, stats); skips are counted, never silent."""
+                  limit: int = 0, mask_history: bool = False) -> tuple:
+    """Read, adapt, tokenize (every assistant turn trained, or the last only with mask_history). Returns
+    (examples, stats); skips are counted, never silent."""
     if overlong not in ("truncate", "drop"):
         raise UsageError(f"--overlong must be 'truncate' or 'drop', got {overlong!r}")
     rows = read_records(source, split)
@@ -671,7 +681,7 @@ def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "trun
     with progress(f"tokenise {os.path.basename(source)}", len(rows)) as bar:
         for i, row in enumerate(rows):
             ex = to_example(row, f"{source}:{i + 1}")
-            tokens, status = tokenize_example(tokenizer, ex["messages"], max_length, overlong)
+            tokens, status = tokenize_example(tokenizer, ex["messages"], max_length, overlong, mask_history)
             stats[status] += 1
             if tokens is not None:
                 ex["input_ids"], ex["labels"] = tokens

@@ -41,6 +41,22 @@ ROWS = {
 }
 
 
+def test_mask_history_trains_the_last_turn_only_and_a_template_that_rewrites_history_is_refused(tokenizer):
+    msgs = ROWS["messages"]["messages"]
+    (ids, labels), _ = common.tokenize_example(tokenizer, msgs, 512, "truncate")
+    (ids_last, labels_last), _ = common.tokenize_example(tokenizer, msgs, 512, "truncate", mask_history=True)
+    assert ids == ids_last and tokenizer.decode([t for t in labels_last if t != IGNORE_INDEX]) == "d<|im_end|>\n"
+    assert sum(t != IGNORE_INDEX for t in labels) > sum(t != IGNORE_INDEX for t in labels_last)
+    template = tokenizer.chat_template
+    try:  # a template that renders earlier assistant turns otherwise in context (as reasoning templates drop <think>)
+        tokenizer.chat_template = template.replace("{{ m['content'] }}", "{{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}")
+        with pytest.raises(UsageError, match="renders an earlier assistant turn differently in context.*--mask_history"):
+            common.tokenize_example(tokenizer, msgs, 512, "truncate")
+        assert common.tokenize_example(tokenizer, msgs, 512, "truncate", mask_history=True)[1] == "ok"
+    finally:
+        tokenizer.chat_template = template
+
+
 def test_the_ecosystems_schemas_become_the_same_messages():
     """TRL's conversational prompt-completion, Alpaca (with LLaMA-Factory's system and history) and ShareGPT map to
     the chat messages a TRL or LLaMA-Factory user would expect, not to a stringified list."""
@@ -90,9 +106,9 @@ def test_a_save_to_disk_directory_loads_like_jsonl(tmp_path, tokenizer):
 def test_schemas_mask_everything_but_the_response(tmp_path, tokenizer, schema):
     examples, stats = common.load_sft_data(write(tmp_path, [ROWS[schema]]), tokenizer, 512)
     ex = examples[0]
-    response = ex["messages"][-1]["content"]
+    replies = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]  # every assistant turn is trained
     trained = [t for t in ex["labels"] if t != IGNORE_INDEX]
-    assert tokenizer.decode(trained).startswith(response) and stats["ok"] == 1
+    assert tokenizer.decode(trained) == "".join(f"{r}<|im_end|>\n" for r in replies) and stats["ok"] == 1
     first = ex["labels"].index(trained[0])
     assert tokenizer.decode(ex["input_ids"][:first]).endswith("<|im_start|>assistant\n")
     assert ex["task"] == {"gsm8k": "math", "mbpp": "code", "squad": "rc"}.get(schema, "exact")
