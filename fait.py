@@ -370,7 +370,8 @@ def main(args):
         name, _, source = pair.partition("=")
         if not source:
             raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
-        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split,
+                                           mask_history=args.mask_history)
         eval_sets[name] = examples[: args.eval_samples or None]
 
     # METHOD: incorrect variants from the teacher, judged in the sandbox, cached by content hash (reused on resume)

@@ -273,7 +273,8 @@ def main(args):
         name, _, source = pair.partition("=")
         if not source:
             raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
-        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split,
+                                           mask_history=args.mask_history)
         eval_sets[name] = examples[: args.eval_samples or None]
 
     # METHOD: rebuild the training set with the frozen starting model, cached by content hash (reused on resume)
@@ -308,9 +309,10 @@ def main(args):
     own = [i for i, row in enumerate(rows) if row["source"] == "own"][:256]
     likelihood_sets = {"gold": [train[i] for i in own], "own": []}
     for i in own:
-        ids, labels = common.tokenize_example(tokenizer, rows[i]["messages"], args.max_length, "truncate")[0]
+        ids, labels = common.tokenize_example(tokenizer, rows[i]["messages"], args.max_length, "truncate",
+                                             args.mask_history)[0]
         likelihood_sets["own"].append({"input_ids": ids, "labels": labels})
-    train, stats = common.load_sft_data(cache, tokenizer, args.max_length, args.overlong)
+    train, stats = common.load_sft_data(cache, tokenizer, args.max_length, args.overlong, mask_history=args.mask_history)
     micro = args.micro_batch_size or args.batch_size // rt.world_size
     if args.batch_size % (micro * rt.world_size):
         raise common.UsageError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {micro} "

@@ -448,7 +448,8 @@ def main(args):
         name, _, source = pair.partition("=")
         if not source:
             raise common.UsageError(f"--eval_datasets entry {pair!r}: expected name=source")
-        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split)
+        examples, _ = common.load_sft_data(source, tokenizer, args.max_length, "truncate", args.eval_split,
+                                           mask_history=args.mask_history)
         eval_sets[name] = examples[: args.eval_samples or None]
     micro = args.micro_batch_size or args.batch_size // rt.world_size
     if args.batch_size % (micro * rt.world_size):
