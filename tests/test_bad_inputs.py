@@ -123,3 +123,28 @@ def test_exit_statuses_unknown_flags_and_help(tmp_path):
     help_text = run("--help").stdout
     assert "turn off --compile" in help_text and "turn off --eval_before" in help_text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_crash_in_the_final_evaluation_loses_nothing(tmp_path, monkeypatch):
+    """final/ is saved before the final evaluation: a failure there leaves a loadable model (and no eval_after)."""
+    import common
+    import sft
+    calls = []
+
+    def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
+        calls.append(step)
+        if step == args.steps:
+            raise RuntimeError("the judge crashed")
+        return {"step": step}
+    monkeypatch.setattr(sft, "evaluate", evaluate)
+    monkeypatch.chdir(ROOT)
+    lines = open(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")).readlines()[:8]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    args = common.parse_args(sft.Args, ["--steps", "2", "--batch_size", "4", "--save_every", "0", "--compile", "false",
+                                        "--eval_datasets", "", "--dataset", str(tmp_path / "d.jsonl"),
+                                        "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(RuntimeError, match="the judge crashed"):
+        sft.main(args)
+    from transformers import AutoModelForCausalLM
+    assert calls == [0, 2] and AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
+    assert '"eval_after"' not in (tmp_path / "run" / "metrics.jsonl").read_text()
