@@ -81,7 +81,8 @@ def test_the_frameworks_optimizer_is_two_flags_away(reference, tmp_path):
         sched.step()
     assert lrs(tmp_path / "hf") == pytest.approx(hf, rel=1e-6)
     got = losses(tmp_path / "hf")
-    assert got[0] == pytest.approx(GOLDEN[0], abs=1e-6) and abs(got[2] - GOLDEN[2]) > 1e-4
+    ref = losses(reference)  # the same machine's run: only AdamW's beta2 differs from here on
+    assert got[0] == pytest.approx(ref[0], abs=1e-6) and abs(got[2] - ref[2]) > 1e-4
     if tensorboard:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         events = EventAccumulator(str(tmp_path / "hf" / "tensorboard"))
