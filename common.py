@@ -1162,12 +1162,17 @@ def content_hash(*parts) -> str:
     return digest.hexdigest()
 
 
-def write_jsonl(path: str, rows: list):
-    """Write rows atomically (temporary file, then rename)."""
+def write_atomic(path: str, text: str):
+    """Write a text file atomically (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.write(text)
     os.replace(f"{path}.tmp", path)
+
+
+def write_jsonl(path: str, rows: list):
+    """Write rows atomically, one JSON object per line."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 def _full_state(model, optimizer, fsdp: bool):
     """Full (unsharded) model and optimizer state dicts; optimizer None gives None."""
@@ -1436,12 +1441,6 @@ class Tracker:
         if self.run is not None:
             (self.run.close if self.kind == "tensorboard" else self.run.finish)()
             self.run = None
-
-
-def write_atomic(path: str, text: str):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def clock(seconds: float) -> str:
