@@ -17,6 +17,7 @@ Usage:
     torchrun --nproc_per_node 8 asft.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k:main \
         --eval_datasets gsm8k=openai/gsm8k:main --dtype bfloat16 --batch_size 64 --lr 1e-5 --max_length 1024
 """
+import contextlib
 import dataclasses
 import os
 import time
@@ -35,9 +36,13 @@ class Args:
     chat_template: str = ""
     """chat template for a base model without one: a Jinja file, or a tokenizer (directory or hub id) to take it from"""
     dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
-    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    """training data: hub id (`id` or `id:config`), a .jsonl/.json/.csv/.parquet file or a save_to_disk directory (GSM8K, MBPP, SQuAD, prompt/response, messages, Alpaca, ShareGPT schema); comma-separated sources are concatenated, or mixed by --dataset_weights"""
     dataset_split: str = "train"
     """split of --dataset to train on when it is a hub id or a saved DatasetDict"""
+    dataset_weights: str = ""
+    """comma-separated weights of --dataset's sources: source i gives round(w_i / sum(w) x N) samples (N = all usable samples), drawn with --seed; empty = concatenate them"""
+    dataset_num_proc: int = 1
+    """processes tokenising the training data (datasets.map; TRL's dataset_num_proc); cached either way in $HF_DATASETS_CACHE/sft_tokenized"""
     mask_history: bool = False
     """train only the last assistant turn of multi-turn data (LLaMA-Factory's mask_history); default: every assistant turn, as TRL"""
     eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
@@ -86,6 +91,18 @@ class Args:
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
+    lora_r: int = 0
+    """LoRA rank (peft, an optional extra): only the adapters train, the base stays frozen in --dtype; 0 = full fine-tuning"""
+    lora_alpha: float = 0.0
+    """LoRA scale: the update is (lora_alpha / lora_r) B A; 0 = 2 x lora_r"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA adapters' input (TRL's default)"""
+    lora_targets: str = "all-linear"
+    """modules that get adapters: comma-separated names (e.g. q_proj,v_proj) or all-linear (every linear but the LM head, peft's convention)"""
+    merge_lora: bool = False
+    """also save final/merged: the adapters merged into the base, a plain model that from_pretrained loads without peft"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA only)"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -168,8 +185,12 @@ def asft_objective(logits, labels, weights, ref_hidden, ref_head, kl_weight, dft
 def load_reference(args, model, tokenizer, rt, batch):
     """The frozen pi_ref: --ref_model or the starting weights, eval mode, no gradients; returns its decoder
     (final hidden states), LM head weight and logit post-processing (scale, softcap) as 0-d tensors, after
-    common.check_objective on `batch`. Under FSDP the decoder is sharded like the policy's and the head
-    is a whole copy on every rank (the anchor needs all V rows per chunk)."""
+    common.check_objective on `batch`, and the context its forward runs in. Under FSDP the decoder is sharded like
+    the policy's and the head is a whole copy on every rank (the anchor needs all V rows per chunk). With LoRA and no
+    --ref_model, pi_ref is the policy's own base with its adapters bypassed: no second copy (head None: the policy's)."""
+    if args.lora_r and not args.ref_model:
+        ref_map = tuple(torch.tensor(v, device=rt.device) for v in common.logit_map(model))
+        return model.get_decoder(), None, ref_map, lambda: common.adapters_disabled(model)
     reference, ref_tokenizer = common.load_model(args.ref_model or args.model, args.dtype, rt.device, args.trust_remote_code)
     vocab, ref_vocab = model.get_output_embeddings().weight.shape[0], reference.get_output_embeddings().weight.shape[0]
     if ref_vocab != vocab or ref_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -185,7 +206,7 @@ def load_reference(args, model, tokenizer, rt, batch):
         for layer in common.decoder_layers(reference):
             fully_shard(layer)
         fully_shard(decoder)
-    return decoder, head, ref_map
+    return decoder, head, ref_map, contextlib.nullcontext
 
 
 # COMMON: the loss on one micro-batch. Methods change this (and only this) when their objective differs.
@@ -197,10 +218,11 @@ def compute_loss(model, batch, args, reference=None):
     if torch.is_grad_enabled() and args.mode == "dft":
         objective = dft_objective
     elif torch.is_grad_enabled() and args.mode in ("sft+kl", "asft"):
-        ref_decoder, ref_head, ref_map = reference
-        with torch.no_grad():
+        ref_decoder, ref_head, ref_map, ref_context = reference
+        with torch.no_grad(), ref_context():
             ref_hidden = ref_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         objective, inputs = asft_objective, (ref_hidden,)
+        ref_head = model.get_output_embeddings().weight.detach() if ref_head is None else ref_head
         constants = (ref_head, torch.tensor(args.kl_weight, device=hidden.device),
                      torch.tensor(float(args.mode == "asft"), device=hidden.device),
                      torch.tensor(float(args.kl_direction == "paper"), device=hidden.device), *ref_map)
@@ -247,12 +269,15 @@ def main(args):
     common.seed_everything(args.seed)  # identical init on every rank
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code, args.chat_template)  # master weights
+    model, tokenizer = common.load_model(args.model, common.weights_dtype(args), rt.device, args.trust_remote_code,
+                                         args.chat_template, args.load_in_4bit)  # fp32 master weights; LoRA: a frozen base in --dtype
+    model = common.add_lora(model, args)  # --lora_r > 0: peft's LoRA adapters (fp32), the only weights that train
     model.config.use_cache = False
 
     # COMMON: data
     train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong, args.dataset_split,
-                                        mask_history=args.mask_history)
+                                        mask_history=args.mask_history, weights=args.dataset_weights, seed=args.seed,
+                                        num_proc=args.dataset_num_proc)
     print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
     eval_sets = {}
     for pair in filter(None, args.eval_datasets.split(",")):
@@ -333,7 +358,8 @@ def main(args):
             logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
     # COMMON: evaluate and save
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype,
+                           merge_lora=args.merge_lora)
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)  # after saving: a crash here loses nothing
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,
                 "peak_memory_gib": common.peak_memory_gib(rt.device)})

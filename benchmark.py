@@ -8,6 +8,7 @@
     python benchmark.py generate # common.generate batched vs one prompt at a time, and the judges' cost per sample
     python benchmark.py objectives  # step time of DFT / ASFT / OTR / DRIFT / SoFT relative to sft.py on the same batch
     python benchmark.py merge    # merge.py's peak memory (anonymous, file-backed, RSS) in units of one input model
+    python benchmark.py tokenize --procs 1 2  # load_sft_data's samples/s: datasets.map in N processes, its cache
 
 Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
 median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
@@ -208,7 +209,8 @@ def sft_worker(spec):
     argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_datasets", "", "--save_every", "0",
             "--output_dir", spec["out"], "--steps", str(spec["steps"]), "--batch_size", str(spec["batch_size"]),
             "--max_length", str(spec["max_length"]), "--lr", str(spec["lr"]), "--dtype", spec["dtype"],
-            "--device", spec["device"], "--gradient_checkpointing", str(spec["gradient_checkpointing"])]
+            "--device", spec["device"], "--gradient_checkpointing", str(spec["gradient_checkpointing"]),
+            "--lora_r", str(spec["lora_r"])]
     sys.argv = ["sft.py", *argv]
     sft.main(common.parse_args(sft.Args))
     return loaded[0], steps
@@ -222,13 +224,15 @@ def trl_worker(spec):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    bf16 = spec["dtype"] == "bfloat16"
     from trl import SFTConfig, SFTTrainer
     sys.path.insert(0, ROOT)
     import common
     torch.set_num_threads(spec["threads"])
     rows = [common.to_example(r, "")["messages"] for r in common.read_records(spec["data"])]
     data = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    lora = spec["lora_r"] and bf16  # LoRA: the frozen base in bf16 under bf16, as sft.py keeps it (TRL's usual setup)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if lora else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     loaded = [] if spec["device"] == "cuda" else [resident_gib(model, "cpu")]  # CUDA: once on the device
     steps, counted = [], []
@@ -247,7 +251,13 @@ def trl_worker(spec):
                        save_strategy="no", report_to=[], gradient_checkpointing=spec["gradient_checkpointing"],
                        use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", max_length=spec["max_length"],
                        use_liger_kernel=spec["liger"], seed=0, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Clock()])
+    peft_config = None
+    if spec["lora_r"]:  # the same adapters as sft.py --lora_r: every linear but the head, alpha 2r, dropout 0.05
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.05,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Clock()],
+                         peft_config=peft_config)
     collate = trainer.data_collator
 
     def counting(features):
@@ -276,7 +286,7 @@ def train_worker(spec):
 def bench_train(args):
     """Each (trainer, precision, gradient checkpointing) in a fresh subprocess, the same model, data and settings."""
     cuda = args.device == "cuda"
-    runs = [(trainer, dtype, gc) for dtype in args.dtypes for gc in args.checkpointing
+    runs = [(trainer, dtype, gc, r) for r in args.lora_r for dtype in args.dtypes for gc in args.checkpointing
             for trainer in ("sft", "trl") + (("liger",) if cuda else ())]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -284,17 +294,17 @@ def bench_train(args):
             model, data = build_train_setup(tmp, args)
         else:
             model, data = os.path.join(ROOT, "world", "base"), os.path.join(ROOT, "world", "data", "math", "train.jsonl")
-        for trainer, dtype, gc in runs:
+        for trainer, dtype, gc, r in runs:
             spec = {"trainer": "sft" if trainer == "sft" else "trl", "liger": trainer == "liger", "model": model,
-                    "data": data, "out": os.path.join(tmp, f"{trainer}_{dtype}_{gc}"), "steps": args.steps,
+                    "data": data, "out": os.path.join(tmp, f"{trainer}_{dtype}_{gc}_{r}"), "steps": args.steps, "lora_r": r,
                     "warmup": args.warmup, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
                     "dtype": dtype, "gradient_checkpointing": gc == "on", "device": args.device, "threads": args.threads}
             proc = subprocess.run([sys.executable, __file__, "_train_worker", json.dumps(spec)], capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"  {trainer} {dtype} checkpointing {gc}: failed:\n{proc.stderr.strip()[-3000:]}", flush=True)
+                print(f"  {trainer} {dtype} checkpointing {gc} LoRA r {r}: failed:\n{proc.stderr.strip()[-3000:]}", flush=True)
                 continue
-            results[trainer, dtype, gc] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"  {trainer} {dtype} checkpointing {gc}: {results[trainer, dtype, gc]}", flush=True)
+            results[trainer, dtype, gc, r] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {trainer} {dtype} checkpointing {gc} LoRA r {r}: {results[trainer, dtype, gc, r]}", flush=True)
     shape = (f"Qwen2.5-0.5B width and vocabulary (H 896, V 151,936, tied), {args.layers} layers, random init"
              if args.scale == "qwen" else "embedded world base (3M Llama, V 2,044)")
     where = f"{args.threads} CPU threads" if not cuda else "CUDA"
@@ -326,13 +336,17 @@ def bench_train(args):
     if not cuda:
         columns.update({f"speed ours / {name}, CPU time": lambda c, p=p: ratio(c["sft"], c[p], "tokens_per_cpu_s")
                         for p, name in peers.items()})
-    print("| precision | gradient checkpointing | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
+    lora_column = args.lora_r != [0]
+    print("| precision | gradient checkpointing | " + ("LoRA | " if lora_column else "") + " | ".join(columns) + " |")
+    print("|---|---|" + ("---|" if lora_column else "") + "---|" * len(columns))
     label = {"float32": "fp32", "bfloat16": "bf16 autocast, fp32 master weights"}
-    for dtype in args.dtypes:
-        for gc in args.checkpointing:
-            cell = {t: results.get((t, dtype, gc)) for t in ("sft", *peers)}
-            print(f"| {label[dtype]} | {gc} | " + " | ".join(f(cell) for f in columns.values()) + " |")
+    lora_label = {"float32": "fp32", "bfloat16": "bf16 autocast, frozen bf16 base"}
+    for r in args.lora_r:
+        for dtype in args.dtypes:
+            for gc in args.checkpointing:
+                cell = {t: results.get((t, dtype, gc, r)) for t in ("sft", *peers)}
+                print(f"| {(lora_label if r else label)[dtype]} | {gc} | " + (f"{f'r {r}' if r else 'off'} | " if lora_column else "")
+                      + " | ".join(f(cell) for f in columns.values()) + " |")
 
 
 def bench_generate(args):
@@ -490,6 +504,35 @@ def bench_objectives(args):
               f"{loss_times[name] / loss_times['sft.py']:.2f}x |")
 
 
+def bench_tokenize(args):
+    """load_sft_data on the embedded world's math training set repeated to --rows rows (the world's tokenizer, max
+    length 512): the plain loop it replaced (to_example + tokenize_example), then datasets.map with each of --procs
+    processes into an empty cache, and the same call again (read from that cache). Rates are rows / wall time."""
+    import datasets
+    sys.path.insert(0, ROOT)
+    import common
+    tokenizer = common.load_model(os.path.join(common.WORLD_DIR, "base"))[1]
+    with open(os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")) as f:
+        lines = f.read().splitlines()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "train.jsonl")
+        with open(path, "w") as f:
+            f.write("".join(lines[i % len(lines)] + "\n" for i in range(args.rows)))
+        t0 = time.perf_counter()
+        for i, row in enumerate(common.read_records(path)):
+            common.tokenize_example(tokenizer, common.to_example(row, str(i))["messages"], 512, "truncate")
+        rates = {"plain loop, 1 process (before)": args.rows / (time.perf_counter() - t0)}
+        for n in args.procs:
+            datasets.config.HF_DATASETS_CACHE = os.path.join(directory, f"cache{n}")
+            for run in ("", ", cached"):
+                t0 = time.perf_counter()
+                common.load_sft_data(path, tokenizer, 512, num_proc=n)
+                rates[f"datasets.map, {n} process{'es' if n > 1 else ''}{run}"] = args.rows / (time.perf_counter() - t0)
+    print(f"\nTokenisation of {args.rows} rows ({os.cpu_count()} CPUs here)\n| path | samples/s | vs the loop |\n|---|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.0f} | {rate / next(iter(rates.values())):.2f}x |")
+
+
 def bench_merge(args):
     import threading
     import torch
@@ -567,7 +610,7 @@ if __name__ == "__main__":
         train_worker(json.loads(sys.argv[2]))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "train", "generate", "objectives", "merge"])
+    parser.add_argument("what", choices=["loss", "train", "generate", "objectives", "merge", "tokenize"])
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
@@ -582,6 +625,8 @@ if __name__ == "__main__":
                         help="train: Qwen2.5-0.5B width and vocabulary, or the embedded world's model and math data")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="train: float32 and/or bfloat16")
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], help="train: gradient checkpointing off/on")
+    parser.add_argument("--lora_r", nargs="+", type=int, default=[0], help="train: LoRA ranks, 0 = full fine-tuning "
+                        "(peft on both sides: sft.py --lora_r, TRL's peft_config)")
     parser.add_argument("--prompts", type=int, default=256, help="generate: prompts per task, batched")
     parser.add_argument("--one_at_a_time", type=int, default=32, help="generate: prompts per task, one at a time")
     parser.add_argument("--gen_batch_size", type=int, default=64)
@@ -589,7 +634,10 @@ if __name__ == "__main__":
     parser.add_argument("--loss_shape", default="512x896x151936", help="objectives: NxHxV of the loss-alone timing")
     parser.add_argument("--device", default="cpu", help="objectives, train: cpu | cuda (train on cuda adds TRL + Liger)")
     parser.add_argument("--merge_models", type=int, default=4, help="merge: fine-tuned models merged (plus a base)")
+    parser.add_argument("--rows", type=int, default=20000, help="tokenize: rows of the repeated math training set")
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="tokenize: processes of datasets.map")
     a = parser.parse_args()
     if a.batch_size is None:
         a.batch_size = 8 if a.what == "train" else 16
-    {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives, "merge": bench_merge}[a.what](a)
+    {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives, "merge": bench_merge,
+     "tokenize": bench_tokenize}[a.what](a)

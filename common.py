@@ -56,7 +56,7 @@ RUN_SETTINGS = {}
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "eval_datasets", "eval_samples",
                      "eval_batch_size", "eval_every", "eval_before", "eval_split", "max_new_tokens", "compile", "device",
                      "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir", "fsdp", "chunk_size",
-                     "report_to"}
+                     "report_to", "merge_lora", "dataset_num_proc"}
 RUN_FILES = ("metrics.jsonl", "final")  # with checkpoint-N: what marks a directory as holding a run
 
 
@@ -97,6 +97,7 @@ FLAG_RULES = {
     "eval_batch_size": (lambda v: v >= 1, "at least 1"), "max_new_tokens": (lambda v: v >= 1, "at least 1"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "finite, >= 0"),
+    "dataset_num_proc": (lambda v: v >= 1, "at least 1"),
 }
 
 
@@ -108,6 +109,10 @@ def check_args(args):
             raise UsageError(f"--{name} must be {what}, got {value!r}")
     if getattr(args, "report_to", None) is not None:
         check_report_to(args.report_to)
+    if getattr(args, "dataset_weights", None) is not None:
+        dataset_sources(args.dataset, args.dataset_weights)  # the mixture's flags, before anything is loaded
+    if hasattr(args, "lora_r"):
+        check_lora(args)
     device = getattr(args, "device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -390,11 +395,13 @@ def read_chat_template(source: str, tokenizer) -> str:
     return template
 
 
-def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_code: bool = False, chat_template: str = ""):
+def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_code: bool = False, chat_template: str = "",
+               load_in_4bit: bool = False):
     """Model and tokenizer by hub id or local directory (safetensors only), parameters in `dtype`: float32 for the
     trained model (master weights; --dtype is then the compute dtype), --dtype for frozen ones (references,
     teachers). `model.source_dtype` records the checkpoint's own dtype, the default dtype of the saved model.
-    `chat_template` replaces the tokenizer's (read_chat_template); final/ saves it with the tokenizer."""
+    `chat_template` replaces the tokenizer's (read_chat_template); final/ saves it with the tokenizer.
+    load_in_4bit: QLoRA's frozen NF4 base (bitsandbytes, CUDA only), placed on `device` as it loads."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     transformers.utils.logging.disable_progress_bar()
@@ -406,8 +413,9 @@ def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_cod
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         source = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
+        quantized = {"quantization_config": quantization_4bit(dtype), "device_map": {"": device}} if load_in_4bit else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **quantized)
     except Exception as err:  # OSError, ValueError, SafetensorError, the tokenizers' plain Exception
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         raise UsageError(f"--model {path!r} could not be loaded as a local directory or hub id (safetensors weights, "
@@ -420,7 +428,116 @@ def load_model(path: str, dtype: str = "float32", device="cpu", trust_remote_cod
         raise UsageError(f"--model {path!r}: the tokenizer has no chat template; use an instruct model, or give one "
                          f"with --chat_template (a Jinja file, or a tokenizer whose template to use)")
     model.source_dtype = source if isinstance(source, torch.dtype) else DTYPES.get(str(source), torch.float32)
-    return model.to(device), tokenizer
+    return (model if load_in_4bit else model.to(device)), tokenizer
+
+
+# ============================================================ LORA (optional: pip install peft)
+def check_lora(args):
+    """The LoRA flags, before anything is loaded: in range, peft installed, QLoRA only where it can run."""
+    if args.lora_r < 0 or args.lora_alpha < 0 or not 0 <= args.lora_dropout < 1:
+        raise UsageError(f"--lora_r and --lora_alpha must be >= 0 and --lora_dropout in [0, 1), got {args.lora_r}, "
+                         f"{args.lora_alpha}, {args.lora_dropout}")
+    if not args.lora_r:
+        for flag in ("merge_lora", "load_in_4bit"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} needs LoRA: set --lora_r (e.g. 16)")
+        return
+    if importlib.util.find_spec("peft") is None:
+        raise UsageError("--lora_r: LoRA needs the optional package peft (pip install peft, or requirements-extras.txt)")
+    if not [t for t in args.lora_targets.split(",") if t.strip()]:
+        raise UsageError("--lora_targets: give module names (e.g. q_proj,v_proj) or all-linear")
+    if args.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+            raise UsageError("--load_in_4bit: QLoRA's 4-bit base needs a CUDA GPU and the package bitsandbytes")
+        if getattr(args, "fsdp", False) or args.merge_lora:
+            raise UsageError("--load_in_4bit: not with --fsdp (4-bit shards are not supported here) or --merge_lora "
+                             "(merge the adapter into the unquantized base: rerun without --load_in_4bit)")
+
+
+def weights_dtype(args) -> str:
+    """dtype of the trained model's parameters as loaded: fp32 master weights; with LoRA the frozen base in
+    --dtype (the adapters, the only trained weights, stay fp32: peft's autocast_adapter_dtype)."""
+    return args.dtype if getattr(args, "lora_r", 0) else "float32"
+
+
+def quantization_4bit(dtype: str):
+    """QLoRA (Dettmers et al. 2023): NF4 weights, double quantisation, matmuls in the compute dtype."""
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype])
+
+
+def add_lora(model, args):
+    """LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685, eq. 3): each target linear computes
+    W x + (alpha / r) B A x with W frozen, A [r, in] random, B [out, r] zero, so training starts at the base model.
+    r = --lora_r, alpha = --lora_alpha (0: 2 r), targets = --lora_targets (module names, or peft's all-linear:
+    every linear but the LM head), dropout on the adapter's input = --lora_dropout. peft injects the adapters in
+    place: the returned model is the same transformers model, its adapters the only parameters that need grad.
+    A target on the LM head is refused: the fused loss reads the head's weight, not its forward."""
+    if not getattr(args, "lora_r", 0):
+        return model
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if args.load_in_4bit:
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_targets.strip() == "all-linear" else [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
+                             target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():  # peft asks transformers 5.x a deprecated question; nothing for the user
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            peft.get_peft_model(model, config)
+    except ValueError as err:
+        raise UsageError(f"--lora_targets {args.lora_targets!r}: {str(err).splitlines()[0][:300]}") from None
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer) or isinstance(model.get_input_embeddings(), BaseTunerLayer):
+        raise UsageError(f"--lora_targets {args.lora_targets!r} reaches the LM head or the embeddings: the fused loss "
+                         f"reads their weight directly, so an adapter there would not train; target other modules")
+    stored = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    if stored.itemsize < model.source_dtype.itemsize:  # announced, not silent: what is trained is what gets merged
+        print0(f"LoRA: the frozen base is kept in {stored} (the checkpoint is {model.source_dtype}): the adapters train "
+               f"on that rounded base, and final/merged is it plus (alpha / r) B A, the model evaluated")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"LoRA r={args.lora_r} alpha={config.lora_alpha:g} on {len(lora_layers(model))} modules: {trained:,} of "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters train")
+    return model
+
+
+def lora_layers(model) -> dict:
+    """{module name: peft LoRA layer} of a model with adapters ({} without)."""
+    if not hasattr(model, "peft_config"):
+        return {}
+    from peft.tuners.lora import LoraLayer
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def adapter_keys(model) -> dict:
+    """{parameter name in the model: its key in peft's adapter file}: peft's PeftModel prefix, no adapter name."""
+    return {n: "base_model.model." + n.replace(".default.", ".") for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model, adapters bypassed (what peft's disable_adapter does, without touching requires_grad, which
+    DDP and FSDP track): ASFT's frozen reference at no second copy."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+
+
+def merged_state(model, state: dict) -> dict:
+    """A full state dict (module names, as `_full_state` gives) with every adapter merged into its base weight,
+    W' = W + (alpha / r) B A in float32, under the plain model's names: what from_pretrained loads without peft."""
+    merged = {k: v for k, v in state.items() if ".lora_" not in k}
+    for name, layer in lora_layers(model).items():
+        a, b = state[f"{name}.lora_A.default.weight"].float(), state[f"{name}.lora_B.default.weight"].float()
+        w = state[f"{name}.base_layer.weight"]
+        merged[f"{name}.base_layer.weight"] = w.float() + layer.scaling["default"] * (b @ a)  # save_checkpoint casts
+    return {k.replace(".base_layer.", "."): v for k, v in merged.items()}
 
 
 def decoder_layers(model) -> list:
@@ -668,30 +785,134 @@ def tokenize_example(tokenizer, messages: list, max_length: int, overlong: str, 
     return (full_ids, labels), "ok"
 
 
-def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "truncate", split: str = "train",
-                  limit: int = 0, mask_history: bool = False) -> tuple:
-    """Read, adapt, tokenize (every assistant turn trained, or the last only with mask_history). Returns
-    (examples, stats); skips are counted, never silent."""
-    if overlong not in ("truncate", "drop"):
-        raise UsageError(f"--overlong must be 'truncate' or 'drop', got {overlong!r}")
+def _tokenize_row(row: dict, tokenizer, max_length: int, overlong: str, mask_history: bool) -> dict:
+    """datasets.map's function: tokenize_example on one conversation (JSON text). A UsageError becomes the row's
+    status, so that the caller raises the first one in file order whatever the number of processes."""
+    try:
+        tokens, status = tokenize_example(tokenizer, json.loads(row["messages"]), max_length, overlong, mask_history)
+    except UsageError as err:
+        tokens, status = None, f"error: {err}"
+    return {"input_ids": tokens[0] if tokens else [], "labels": tokens[1] if tokens else [], "status": status}
+
+
+def tokenize_examples(examples: list, tokenizer, max_length: int, overlong: str, mask_history: bool = False,
+                      num_proc: int = 1, desc: str = "tokenise", cache: bool = True) -> list:
+    """(input_ids, labels, status) of each example's messages: tokenize_example through datasets.map in num_proc
+    processes (contiguous shards, results in order: the same as one process). Cached in
+    HF_DATASETS_CACHE/sft_tokenized/<key>*.arrow, the key a hash of the messages, the tokenizer (tokenizer.json,
+    special tokens, chat template), max_length, overlong, mask_history and the code of tokenize_example: a second
+    call with all of these equal reads the file (for any num_proc), any change tokenises again."""
+    import datasets
+    from unittest import mock
+    if not examples:
+        return []
+    texts = [json.dumps(ex["messages"]) for ex in examples]
+    vocab = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else \
+        datasets.fingerprint.Hasher.hash(tokenizer)
+    key = content_hash(texts, vocab, tokenizer.special_tokens_map, tokenizer.chat_template, max_length, overlong,
+                       mask_history, tokenize_example, _tokenize_row)[:32]
+    folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "sft_tokenized")
+    with contextlib.suppress(OSError):
+        os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{key}.arrow") if cache and os.access(folder, os.W_OK) else None  # else in memory
+    num_proc = min(num_proc, len(texts))
+    bar = lambda total, **_: progress(desc, total)  # ours instead of datasets' bar: plain lines in a log file
+    with mock.patch.object(datasets.arrow_dataset, "hf_tqdm", bar, create=True):  # (its name since datasets 2.14)
+        out = datasets.Dataset.from_dict({"messages": texts}).map(
+            _tokenize_row, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overlong": overlong,
+                                      "mask_history": mask_history}, remove_columns=["messages"],
+            num_proc=num_proc if num_proc > 1 else None, cache_file_name=path, new_fingerprint=key)
+    out = out.to_dict()  # whole columns at once: far quicker than iterating rows
+    return list(zip(out["input_ids"], out["labels"], out["status"]))
+
+
+def load_source(source: str, tokenizer, max_length: int, overlong: str = "truncate", split: str = "train",
+                limit: int = 0, mask_history: bool = False, num_proc: int = 1) -> tuple:
+    """One source read, adapted and tokenized: (examples, stats). The first bad row raises, naming its line."""
     rows = read_records(source, split)
     if limit:
         rows = rows[:limit]
-    examples, stats = [], {"rows": len(rows), "ok": 0, "truncated": 0, "dropped": 0, "empty": 0}
-    with progress(f"tokenise {os.path.basename(source)}", len(rows)) as bar:
-        for i, row in enumerate(rows):
-            ex = to_example(row, f"{source}:{i + 1}")
-            tokens, status = tokenize_example(tokenizer, ex["messages"], max_length, overlong, mask_history)
-            stats[status] += 1
-            if tokens is not None:
-                ex["input_ids"], ex["labels"] = tokens
-                examples.append(ex)
-            bar.update()
+    examples, bad = [], None
+    for i, row in enumerate(rows):
+        try:
+            examples.append(to_example(row, f"{source}:{i + 1}"))
+        except UsageError as err:  # raised once the rows before it are tokenised: one of those may fail first
+            bad = err
+            break
+    stats = {"rows": len(rows), "ok": 0, "truncated": 0, "dropped": 0, "empty": 0}
+    tokens = tokenize_examples(examples, tokenizer, max_length, overlong, mask_history, num_proc,
+                               f"tokenise {os.path.basename(source)}", cache=bad is None)
+    kept = []
+    for i, (ex, (input_ids, labels, status)) in enumerate(zip(examples, tokens)):
+        if status.startswith("error: "):
+            raise UsageError(f"{source}:{i + 1}: {status[len('error: '):]}")
+        stats[status] += 1
+        if status in ("ok", "truncated"):
+            kept.append({**ex, "input_ids": input_ids, "labels": labels})
+    if bad:
+        raise bad
+    examples = kept
     if not examples:
         raise UsageError(f"{source}: no usable samples ({stats})")
     if any(ex["task"] == "code" for ex in examples):
         require_sandbox(source)  # refused here, before anything is written, where the jail is incomplete
     return examples, stats
+
+
+def dataset_sources(dataset: str, weights: str = "") -> tuple:
+    """--dataset's comma-separated sources (so a comma cannot occur in a source name) and --dataset_weights'
+    numbers, None when empty (the sources are then concatenated). Checked before anything is loaded."""
+    sources = [s.strip() for s in dataset.split(",")]
+    if not all(sources):
+        raise UsageError(f"--dataset {dataset!r}: an empty source name (sources are separated by single commas)")
+    if len(set(sources)) < len(sources):
+        raise UsageError(f"--dataset {dataset!r}: a source is named twice (weight it with --dataset_weights instead)")
+    if not weights:
+        return sources, None
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise UsageError(f"--dataset_weights {weights!r}: expected comma-separated numbers") from None
+    if len(values) != len(sources):
+        raise UsageError(f"--dataset_weights has {len(values)} values for {len(sources)} --dataset sources")
+    if not all(math.isfinite(w) and w >= 0 for w in values):
+        raise UsageError(f"--dataset_weights {weights!r}: every weight must be finite and >= 0")
+    if not sum(values):
+        raise UsageError(f"--dataset_weights {weights!r}: the weights are all 0")
+    return sources, values
+
+
+def mix_sources(sizes: list, weights, seed: int) -> list:
+    """Which samples of each source (sizes[i] usable ones) make the training list, in file order. No weights: all.
+    Weights: source i (n samples) gives share = round(w_i / sum(w) x N) samples, N = sum(sizes): each of its samples
+    share // n times, plus share % n of them drawn without replacement (a subset when share < n). The draws use
+    np.random.default_rng(seed) alone, so every process builds the same list."""
+    if weights is None:
+        return [list(range(n)) for n in sizes]
+    rng, picks = np.random.default_rng(seed), []
+    for n, w in zip(sizes, weights):
+        share = round(w / sum(weights) * sum(sizes))
+        picks.append(sorted(list(range(n)) * (share // n) + rng.choice(n, share % n, replace=False).tolist()))
+    return picks
+
+
+def load_sft_data(source: str, tokenizer, max_length: int, overlong: str = "truncate", split: str = "train",
+                  limit: int = 0, mask_history: bool = False, weights: str = "", seed: int = 0,
+                  num_proc: int = 1) -> tuple:
+    """Read, adapt, tokenize (every assistant turn trained, or the last only with mask_history). Returns
+    (examples, stats); skips are counted, never silent. Comma-separated sources are concatenated in order, or
+    mixed by `weights` with `seed` (mix_sources); their stats are summed, plus `from <source>: k of n` (k samples
+    in the list of its n usable ones). num_proc: processes tokenising (tokenize_examples, which caches)."""
+    if overlong not in ("truncate", "drop"):
+        raise UsageError(f"--overlong must be 'truncate' or 'drop', got {overlong!r}")
+    sources, weights = dataset_sources(source, weights)
+    if len(sources) == 1:
+        return load_source(sources[0], tokenizer, max_length, overlong, split, limit, mask_history, num_proc)
+    loaded = [load_source(s, tokenizer, max_length, overlong, split, limit, mask_history, num_proc) for s in sources]
+    picks = mix_sources([len(examples) for examples, _ in loaded], weights, seed)
+    stats = {k: sum(s[k] for _, s in loaded) for k in loaded[0][1]}
+    stats.update({f"from {s}": f"{len(p)} of {len(ex)}" for s, (ex, _), p in zip(sources, loaded, picks)})
+    return [dict(examples[i]) for (examples, _), p in zip(loaded, picks) for i in p], stats
 
 
 def batch_schedule(lengths: list, batch_size: int, steps: int, seed: int, group: int = 64) -> list:
@@ -1195,33 +1416,54 @@ def save_dtype(model, dtype: str = "") -> torch.dtype:
     return DTYPES[dtype] if dtype else getattr(model, "source_dtype", torch.float32)
 
 
+def _save_model(directory: str, model, state: dict, tokenizer, target):
+    """save_pretrained of `state` (cast to `target` unless None) with its tokenizer, config.json naming the dtype."""
+    if target is not None:
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    if target is not None:  # save_pretrained records the parameters' dtype; the file's is `target`
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+        config["dtype"] = str(target).removeprefix("torch.")
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    tokenizer.save_pretrained(directory)
+
+
 def save_checkpoint(path: str, model, tokenizer, rt: Runtime, optimizer=None, scheduler=None, state=None, fsdp=False,
-                    dtype: str = ""):
+                    dtype: str = "", merge_lora: bool = False):
     """Hugging Face model dir (+ trainer state when an optimizer is given), written to a temporary
     directory and renamed into place, so a kill at any moment leaves either the old or the new one.
     A training checkpoint keeps the fp32 master weights (exact resume); a final model (no optimizer) is saved in
-    `save_dtype(model, dtype)`, the starting model's dtype unless --save_dtype says otherwise."""
+    `save_dtype(model, dtype)`, the starting model's dtype unless --save_dtype says otherwise. With LoRA adapters,
+    checkpoints and final/ hold the adapter alone in peft's format (adapter_model.safetensors, adapter_config.json;
+    fp32), and merge_lora adds final/merged/, the merged model in the final dtype."""
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
     model_state, optim_state = _full_state(model, optimizer, fsdp)
-    bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()] if rt.is_main else []
+    adapters = adapter_keys(model) if lora_layers(model) else {}
+    merged = merged_state(model, model_state) if adapters and merge_lora and rt.is_main else None
+    if adapters:
+        model_state = {adapters[k]: v for k, v in model_state.items() if k in adapters}
+    bad = [k for k, v in [*model_state.items(), *(merged or {}).items()] if v.is_floating_point()
+           and not torch.isfinite(v).all()] if rt.is_main else []
     if all_reduce_sum(torch.tensor(float(len(bad)), device=rt.device)).item():  # every rank refuses together
         raise TrainingError(f"{path}: not saved, non-finite weights in {len(bad)} tensors ({', '.join(bad[:3])})")
     target = save_dtype(model, dtype) if optimizer is None else None
-    if target is not None and rt.is_main:
-        model_state = {k: v.to(target) if v.is_floating_point() else v for k, v in model_state.items()}
     tmp = f"{path}.tmp"
     try:
         if rt.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-            if target is not None:  # save_pretrained records the parameters' dtype; the file's is `target`
-                with open(os.path.join(tmp, "config.json")) as f:
-                    config = json.load(f)
-                config["dtype"] = str(target).removeprefix("torch.")
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump(config, f, indent=2, sort_keys=True)
-            tokenizer.save_pretrained(tmp)
+            if adapters:
+                save_file({k: v.contiguous() for k, v in model_state.items()}, os.path.join(tmp, "adapter_model.safetensors"),
+                          metadata={"format": "pt"})
+                model.peft_config["default"].save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                if merged is not None:
+                    _save_model(os.path.join(tmp, "merged"), model, merged, tokenizer, target)
+            else:
+                _save_model(tmp, model, model_state, tokenizer, target)
             if optimizer is not None:
                 torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "state": state},
                            os.path.join(tmp, "trainer_state.pt"))
@@ -1339,10 +1581,14 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rt: Runtime, fsdp=Fa
             weights.update(load_file(os.path.join(path, name)))
         except (SafetensorError, OSError) as err:
             raise UsageError(f"{os.path.join(path, name)}: corrupt ({err})") from None
+    adapters = adapter_keys(model) if lora_layers(model) else {}
+    if adapters:  # a LoRA checkpoint holds the adapters, the base comes from --model
+        by_key = {v: k for k, v in adapters.items()}
+        weights = {by_key.get(k, k): v for k, v in weights.items()}
     groups = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    expected = set(model.state_dict())
+    expected = set(adapters) if adapters else set(model.state_dict())
     tied_ok = {n for names in groups.values() if any(m in weights for m in names) for n in names}
     missing = sorted(expected - set(weights) - tied_ok)
     unexpected = sorted(set(weights) - expected)

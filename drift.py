@@ -36,9 +36,13 @@ class Args:
     chat_template: str = ""
     """chat template for a base model without one: a Jinja file, or a tokenizer (directory or hub id) to take it from"""
     dataset: str = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
-    """training data: hub id (`id` or `id:config`) or a .jsonl/.json/.parquet file (GSM8K, MBPP, SQuAD, prompt/response or messages schema)"""
+    """training data: hub id (`id` or `id:config`), a .jsonl/.json/.csv/.parquet file or a save_to_disk directory (GSM8K, MBPP, SQuAD, prompt/response, messages, Alpaca, ShareGPT schema); comma-separated sources are concatenated, or mixed by --dataset_weights"""
     dataset_split: str = "train"
     """split of --dataset to train on when it is a hub id or a saved DatasetDict"""
+    dataset_weights: str = ""
+    """comma-separated weights of --dataset's sources: source i gives round(w_i / sum(w) x N) samples (N = all usable samples), drawn with --seed; empty = concatenate them"""
+    dataset_num_proc: int = 1
+    """processes tokenising the training data (datasets.map; TRL's dataset_num_proc); cached either way in $HF_DATASETS_CACHE/sft_tokenized"""
     mask_history: bool = False
     """train only the last assistant turn of multi-turn data (LLaMA-Factory's mask_history); default: every assistant turn, as TRL"""
     eval_datasets: str = ",".join(f"{name}={os.path.join(common.WORLD_DIR, 'data', task, split + '.jsonl')}" for name, task, split in [
@@ -87,6 +91,18 @@ class Args:
     """shard parameters, gradients and optimizer state with FSDP2 fully_shard instead of DDP"""
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in the backward (non-reentrant): less memory, ~1.3x the compute"""
+    lora_r: int = 0
+    """LoRA rank (peft, an optional extra): only the adapters train, the base stays frozen in --dtype; 0 = full fine-tuning"""
+    lora_alpha: float = 0.0
+    """LoRA scale: the update is (lora_alpha / lora_r) B A; 0 = 2 x lora_r"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA adapters' input (TRL's default)"""
+    lora_targets: str = "all-linear"
+    """modules that get adapters: comma-separated names (e.g. q_proj,v_proj) or all-linear (every linear but the LM head, peft's convention)"""
+    merge_lora: bool = False
+    """also save final/merged: the adapters merged into the base, a plain model that from_pretrained loads without peft"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA only)"""
     save_every: int = 50
     """checkpoint every N steps (0 = only the final model)"""
     keep_checkpoints: int = 2
@@ -341,6 +357,9 @@ def main(args):
         raise common.UsageError(f"--micro_batch_size {args.micro_batch_size} with --edit_per example: DRIFT edits each example's "
                                 "gradient, one forward pass per sample; use --micro_batch_size 1 (or 0), or --edit_per "
                                 f"micro_batch to edit the gradient of {args.micro_batch_size} samples at once (a weaker bias)")
+    if args.lora_r:
+        raise common.UsageError("--lora_r: DRIFT biases each weight tensor's gradient toward the reasoning model's weights "
+                                "(Delta = theta_R - theta); LoRA's adapters have no such weights to move toward. Train fully")
     if args.fsdp:
         raise common.UsageError("DRIFT biases each rank's whole-tensor gradient before the reduction; FSDP2 only exposes "
                                 "reduced shards. Use DDP (the paper's setting is ZeRO-2, i.e. replicated gradients)")
@@ -368,12 +387,15 @@ def main(args):
             torch.distributed.barrier()
 
     # COMMON: model and tokenizer
-    model, tokenizer = common.load_model(args.model, "float32", rt.device, args.trust_remote_code, args.chat_template)  # master weights
+    model, tokenizer = common.load_model(args.model, common.weights_dtype(args), rt.device, args.trust_remote_code,
+                                         args.chat_template, args.load_in_4bit)  # fp32 master weights; LoRA: a frozen base in --dtype
+    model = common.add_lora(model, args)  # --lora_r > 0: peft's LoRA adapters (fp32), the only weights that train
     model.config.use_cache = False
 
     # COMMON: data
     train, stats = common.load_sft_data(args.dataset, tokenizer, args.max_length, args.overlong, args.dataset_split,
-                                        mask_history=args.mask_history)
+                                        mask_history=args.mask_history, weights=args.dataset_weights, seed=args.seed,
+                                        num_proc=args.dataset_num_proc)
     print0(f"data {args.dataset}: {len(train)} samples | " + " | ".join(f"{k} {v}" for k, v in stats.items()))
     eval_sets = {}
     for pair in filter(None, args.eval_datasets.split(",")):
@@ -475,7 +497,8 @@ def main(args):
             logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
     # COMMON: evaluate and save
-    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype)
+    common.save_checkpoint(os.path.join(args.output_dir, "final"), model, tokenizer, rt, fsdp=args.fsdp, dtype=args.save_dtype,
+                           merge_lora=args.merge_lora)
     final = evaluate(model, tokenizer, loss_model, eval_sets, rt, args, args.steps)  # after saving: a crash here loses nothing
     final.update(parameter_drift(model, start, prior))  # METHOD: where training moved theta, relative to Delta
     logger.log({"event": "eval_after", **final, "train_time_s": time.time() - t_start, "tokens_seen": tokens_seen,

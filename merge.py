@@ -256,6 +256,10 @@ class Checkpoint:
                 raise common.UsageError(f"--models/--base {path!r}: no such directory, and it could not be fetched as a "
                                         f"hub model ({type(err).__name__})") from None
         self.path = path
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA run's final/: adapters, not a model
+            merged = os.path.join(path, "merged")
+            raise common.UsageError(f"{path}: a LoRA adapter, not a model; merge its merged model ("
+                                    + (f"{merged}" if os.path.isdir(merged) else "train with --merge_lora") + ")")
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise common.UsageError(f"{path}: no .safetensors files")

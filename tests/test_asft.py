@@ -191,11 +191,11 @@ def test_reference_is_frozen_and_untouched_by_a_training_step():
     model, tok = common.load_model(args.model)
     train, _ = common.load_sft_data(args.dataset, tok, 512, limit=4)
     batch = common.collate(train, [0, 1, 2, 3], tok.pad_token_id, "cpu")
-    decoder, head, ref_map = asft.load_reference(args, model, tok, rt, batch)
+    decoder, head, ref_map, context = asft.load_reference(args, model, tok, rt, batch)
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(2):
-        loss, metrics = asft.compute_loss(model, batch, args, (decoder, head, ref_map))
+        loss, metrics = asft.compute_loss(model, batch, args, (decoder, head, ref_map, context))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

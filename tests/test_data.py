@@ -323,3 +323,145 @@ def test_content_hash_covers_weights_data_and_code():
     with torch.no_grad():
         model.weight[0, 0] += 1
     assert key != common.content_hash(model, [{"a": 1}], first)
+
+
+# ---- mixtures of sources, and tokenisation through datasets.map (processes, cache)
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The tokenised cache in this test's own directory (HF_DATASETS_CACHE/sft_tokenized)."""
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "hf" / "sft_tokenized"
+
+
+def replies(examples):
+    return [ex["messages"][-1]["content"] for ex in examples]
+
+
+def test_a_mixture_gives_each_source_its_share_drawn_with_the_seed(tmp_path, tokenizer, cache):
+    a = write(tmp_path, [{"prompt": "p", "response": f"a{i}"} for i in range(12)], "a.jsonl")
+    b = write(tmp_path, [{"prompt": "p", "response": f"b{i}"} for i in range(4)], "b.jsonl")
+    examples, stats = common.load_sft_data(f"{a},{b}", tokenizer, 64)  # no weights: concatenated, in order
+    assert replies(examples) == [f"a{i}" for i in range(12)] + [f"b{i}" for i in range(4)]
+    assert stats == {"rows": 16, "ok": 16, "truncated": 0, "dropped": 0, "empty": 0,
+                     f"from {a}": "12 of 12", f"from {b}": "4 of 4"}
+    mix = lambda weights, seed=0: replies(common.load_sft_data(f"{a},{b}", tokenizer, 64, weights=weights, seed=seed)[0])
+    got = mix("1,3")  # N = 16: a gives round(16 / 4) = 4 of its 12, without repeats; b gives 12 = each of its 4 x 3
+    assert len(got) == 16 and got[4:] == sorted([f"b{i}" for i in range(4)] * 3)
+    assert len(set(got[:4])) == 4 and set(got[:4]) <= {f"a{i}" for i in range(12)}
+    assert mix("1,3") == got and mix("1,3", seed=1)[:4] != got[:4] and mix("0.25,0.75") == got  # seeded; only ratios count
+    got = mix("1,0")  # a gives all 16: each of its 12 once and 4 more, distinct
+    assert len(got) == 16 and set(got) == {f"a{i}" for i in range(12)} and max(map(got.count, got)) == 2
+    assert common.load_sft_data(f"{a},{b}", tokenizer, 64, weights="1,0")[1][f"from {b}"] == "0 of 4"
+    small, large = common.mix_sources([3, 5], [2, 2], seed=0)  # N = 8, 4 each: 3 once and 1 repeated; 4 of 5
+    assert len(small) == 4 and set(small) == {0, 1, 2} and len(large) == len(set(large)) == 4
+
+
+def test_an_error_in_a_mixed_source_names_its_file_and_line(tmp_path, tokenizer, cache):
+    a = write(tmp_path, [ROWS["prompt_response"]] * 2, "a.jsonl")
+    b = write(tmp_path, [ROWS["prompt_response"], {"prompt": "p", "response": None}], "b.jsonl")
+    with pytest.raises(UsageError, match=re.escape(f"{b}:2: field 'response' must be a string, got NoneType")):
+        common.load_sft_data(f"{a},{b}", tokenizer, 64, weights="1,1")
+
+
+@pytest.mark.parametrize("dataset,weights,message", [
+    ("a.jsonl,b.jsonl", "1", "--dataset_weights has 1 values for 2 --dataset sources"),
+    ("a.jsonl,b.jsonl", "1,-2", "--dataset_weights '1,-2': every weight must be finite and >= 0"),
+    ("a.jsonl,b.jsonl", "1,nan", "--dataset_weights '1,nan': every weight must be finite and >= 0"),
+    ("a.jsonl,b.jsonl", "inf,1", "--dataset_weights 'inf,1': every weight must be finite and >= 0"),
+    ("a.jsonl,b.jsonl", "0,0", "--dataset_weights '0,0': the weights are all 0"),
+    ("a.jsonl,b.jsonl", "1;2", "--dataset_weights '1;2': expected comma-separated numbers"),
+    ("a.jsonl,,b.jsonl", "", "--dataset 'a.jsonl,,b.jsonl': an empty source name"),
+    ("a.jsonl,", "", "--dataset 'a.jsonl,': an empty source name"),
+    ("a.jsonl,a.jsonl", "", "--dataset 'a.jsonl,a.jsonl': a source is named twice"),
+])
+def test_bad_mixture_flags_are_refused_before_anything_is_loaded(dataset, weights, message):
+    import sft
+    with pytest.raises(UsageError, match=re.escape(message)):
+        common.parse_args(sft.Args, ["--dataset", dataset, "--dataset_weights", weights])
+
+
+def test_the_mixture_is_a_run_setting_and_hub_ids_with_a_config_still_parse():
+    import sft
+    common.parse_args(sft.Args, ["--dataset", "openai/gsm8k:main,tatsu-lab/alpaca", "--dataset_weights", "2,1"])
+    assert common.RUN_SETTINGS["dataset_weights"] == "2,1" and "dataset_num_proc" not in common.RUN_SETTINGS
+    assert common.dataset_sources("openai/gsm8k:main, tatsu-lab/alpaca") == (["openai/gsm8k:main", "tatsu-lab/alpaca"], None)
+
+
+class RecordingBar:
+    """Stands in for common.progress: what the tokenisation reports."""
+    made = []
+
+    def __init__(self, desc, total):
+        self.desc, self.total, self.n = desc, total, 0
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def counting(tokenizer, monkeypatch):
+    """Counts the tokenizer's apply_chat_template calls in this process."""
+    calls, render = [], tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or render(*a, **k))
+    return calls
+
+
+def test_two_processes_give_exactly_what_one_gives_and_their_cache_serves_one(tmp_path, tokenizer, monkeypatch):
+    import datasets
+    rows = [ROWS[s] for s in sorted(ROWS)] * 3 + [{"prompt": "p", "response": " "}, {"prompt": "x", "response": "y " * 80}]
+    path = write(tmp_path, rows)
+    monkeypatch.setattr(common, "progress", RecordingBar)
+    results = {}
+    for num_proc in (1, 2):
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / f"hf{num_proc}"))
+        results[num_proc] = common.load_sft_data(path, tokenizer, 48, num_proc=num_proc)
+        assert (RecordingBar.made[-1].desc, RecordingBar.made[-1].n) == ("tokenise d.jsonl", len(rows))
+    assert results[1] == results[2] and results[1][1] == {"rows": 29, "ok": 24, "truncated": 1, "dropped": 3, "empty": 1}
+    files = sorted(os.listdir(tmp_path / "hf2" / "sft_tokenized"))
+    assert len(files) == 2 and files[0].endswith("_00000_of_00002.arrow")  # two processes wrote a shard each
+    calls, made = counting(tokenizer, monkeypatch), len(RecordingBar.made)
+    assert common.load_sft_data(path, tokenizer, 48) == results[2] and not calls and len(RecordingBar.made) == made
+
+
+def test_the_first_bad_row_is_named_with_two_processes(tmp_path, tokenizer, cache, monkeypatch):
+    turns = ROWS["messages"]  # with a template that rewrites earlier assistant turns, a multi-turn row fails to tokenise
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template.replace(
+        "{{ m['content'] }}", "{{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}"))
+    rows = [ROWS["prompt_response"]] * 6 + [turns, ROWS["prompt_response"], turns, ROWS["prompt_response"]]
+    with pytest.raises(UsageError, match=r"d\.jsonl:7: chat template: it renders an earlier assistant turn"):
+        common.load_sft_data(write(tmp_path, rows), tokenizer, 64, num_proc=2)  # line 7 is in the second shard
+    rows[8] = {"question": 1, "answer": "a"}  # a schema error after it: line 7 is still the first bad row
+    with pytest.raises(UsageError, match=r"d\.jsonl:7: chat template"):
+        common.load_sft_data(write(tmp_path, rows), tokenizer, 64, num_proc=2)
+    rows[6] = ROWS["prompt_response"]
+    with pytest.raises(UsageError, match=r"d\.jsonl:9: field 'question' must be a string, got int"):
+        common.load_sft_data(write(tmp_path, rows), tokenizer, 64, num_proc=2)
+
+
+def test_the_tokenised_cache_is_hit_when_all_is_equal_and_missed_on_any_change(tmp_path, tokenizer, cache, monkeypatch):
+    path = write(tmp_path, [ROWS["messages"], ROWS["gsm8k"], {"prompt": "x", "response": "y " * 80}])
+    calls = counting(tokenizer, monkeypatch)
+    first = common.load_sft_data(path, tokenizer, 64)
+    assert calls and os.listdir(cache)
+    calls.clear()
+    assert common.load_sft_data(path, tokenizer, 64) == first and not calls  # hit: nothing tokenised
+    for change in ({"max_length": 63}, {"overlong": "drop"}, {"mask_history": True}):
+        other = common.load_sft_data(path, tokenizer, **{"max_length": 64, **change})
+        assert calls and other != first, change
+        calls.clear()
+    template = tokenizer.chat_template
+    monkeypatch.setattr(tokenizer, "chat_template", template.replace("<|im_end|>\n{%", "<|im_end|>\n\n{%"))
+    assert common.load_sft_data(path, tokenizer, 64)[0] != first[0] and calls
+    calls.clear()
+    monkeypatch.setattr(tokenizer, "chat_template", template)  # back: an edited row misses, the same rows hit
+    assert common.load_sft_data(write(tmp_path, [ROWS["messages"], ROWS["gsm8k"]]), tokenizer, 64) and calls
+    calls.clear()
+    assert common.load_sft_data(write(tmp_path, [ROWS["messages"], ROWS["gsm8k"], {"prompt": "x", "response": "y " * 80}]),
+                                tokenizer, 64) == first and not calls
