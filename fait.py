@@ -449,7 +449,8 @@ def main(args):
 
     # COMMON: optimizer and schedule
     loss_model = common.wrap_model(model, lambda m, b: compute_loss(m, b, args), rt, args.fsdp, args.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2))
+    optimizer = torch.optim.AdamW([p for p in loss_model.parameters() if p.requires_grad], lr=args.lr,  # LoRA: the adapters
+                                  weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2), fused=True)  # fused: no weight-sized temporaries
     warmup = max(1, int(args.warmup_ratio * args.steps))
     floor = args.min_lr_ratio  # linear warm-up, then cosine from lr down to floor x lr
     cosine = lambda s: min((s + 1) / warmup, floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, args.steps))).item()))
