@@ -19,7 +19,7 @@ Train: a model with Qwen2.5-0.5B's width and vocabulary (H 896, 14 heads, 2 KV h
 2,044, the head still scores 151,936 logits per token); samples of exactly --max_length tokens (a math question,
 then a response of chained worked problems, truncated by both trainers), so there is no padding. sft.py and TRL
 SFTTrainer each run in a fresh subprocess per (precision, gradient checkpointing), same batch, max length, lr,
-steps and optimizer (torch AdamW, not fused, betas (0.9, 0.95)); TRL otherwise with its defaults (its own chunked
+steps and optimizer (torch AdamW, fused, betas (0.9, 0.95)); TRL otherwise with its defaults (its own chunked
 LM head, completion-only loss, no packing, padding to the longest, use_liger_kernel off; bf16 = `bf16=True` over
 fp32 weights). On CUDA a third trainer: TRL with `use_liger_kernel=True`, which in TRL 1.16 patches Liger's layer
 kernels but keeps TRL's own LM head (not Liger's fused linear cross-entropy). Peak memory on CPU = the process's
@@ -220,7 +220,7 @@ def trl_worker(spec):
     """Runs inside a fresh subprocess: TRL SFTTrainer with its defaults (its own fused LM head, completion-only
     loss on prompt/completion data, no packing, padding to the longest) except where sft.py's run is matched:
     batch, max_length, lr, steps, fp32 or bf16 autocast over fp32 weights, gradient checkpointing, and the same
-    optimizer (torch AdamW, not fused, betas (0.9, 0.95); TRL's default would be the fused AdamW, betas (0.9, 0.999))."""
+    optimizer (torch AdamW, fused as TRL's default, betas (0.9, 0.95) where TRL's default is (0.9, 0.999))."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -247,7 +247,7 @@ def trl_worker(spec):
                           "peak_gib": memory_gib(spec["device"], peak=True)})
 
     config = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-                       learning_rate=spec["lr"], optim="adamw_torch", adam_beta2=0.95, logging_steps=1000,
+                       learning_rate=spec["lr"], optim="adamw_torch_fused", adam_beta2=0.95, logging_steps=1000,
                        save_strategy="no", report_to=[], gradient_checkpointing=spec["gradient_checkpointing"],
                        use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", max_length=spec["max_length"],
                        use_liger_kernel=spec["liger"], seed=0, disable_tqdm=True, dataloader_num_workers=0)
