@@ -168,9 +168,11 @@ def test_adapter_gradients_are_the_same_under_ddp_and_fsdp2_in_float64(tmp_path)
 
 
 def test_fsdp2_with_gradient_checkpointing_trains_and_resumes(lora_run, tmp_path):
-    """2 FSDP2 processes with gradient checkpointing: one process's losses; its checkpoint resumes exactly."""
+    """2 FSDP2 processes with gradient checkpointing: one process's losses (to 1e-4: after AdamW steps another
+    summation order may flip near-zero gradients; the float64 test above compares before the optimizer); its
+    checkpoint resumes exactly."""
     run_script("sft.py", tmp_path / "fsdp", *QUICK, "--fsdp", "--gradient_checkpointing", "--save_every", "2", nproc=2)
-    assert losses(tmp_path / "fsdp") == pytest.approx(losses(lora_run), abs=1e-5)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(lora_run), abs=1e-4)
     run_script("sft.py", tmp_path / "resumed", *QUICK, "--fsdp", "--resume", str(tmp_path / "fsdp" / "checkpoint-2"), nproc=2)
     whole, resumed = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("fsdp", "resumed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole) and whole.keys() == resumed.keys()
