@@ -54,9 +54,9 @@ class Runtime:
 # What a checkpoint records of its run (parse_args fills it) and compares on --resume; these flags may differ.
 RUN_SETTINGS = {}
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "save_every", "keep_checkpoints", "eval_datasets", "eval_samples",
-                     "eval_batch_size", "eval_every", "eval_before", "eval_split", "max_new_tokens", "compile", "device",
-                     "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir", "fsdp", "chunk_size",
-                     "report_to", "merge_lora", "dataset_num_proc"}
+                     "eval_batch_size", "eval_every", "eval_every_samples", "eval_before", "eval_split", "max_new_tokens",
+                     "compile", "device", "micro_batch_size", "gradient_checkpointing", "save_dtype", "cache_dir", "fsdp",
+                     "chunk_size", "report_to", "merge_lora", "dataset_num_proc"}
 RUN_FILES = ("metrics.jsonl", "final")  # with checkpoint-N: what marks a directory as holding a run
 
 
@@ -92,6 +92,7 @@ FLAG_RULES = {
     "steps": (lambda v: v >= 0, "0 or more"), "lr": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "keep_checkpoints": (lambda v: v >= 0, "0 (all) or more"),
     "save_every": (lambda v: v >= 0, "0 (off) or more"), "eval_every": (lambda v: v >= 0, "0 (off) or more"),
+    "eval_every_samples": (lambda v: v >= 0, "0 (all) or more"),
     "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "0 (off) or a finite positive number"),
     "max_length": (lambda v: v >= 2, "at least 2"), "eval_samples": (lambda v: v >= 0, "0 (all) or more"),
     "eval_batch_size": (lambda v: v >= 1, "at least 1"), "max_new_tokens": (lambda v: v >= 1, "at least 1"),
@@ -1336,14 +1337,16 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 
 def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tokens: int = 64,
                       temperature: float = 0.0, batch_size: int = 32, synced: bool = False) -> dict:
-    """Generate for each prompt (sharded over ranks) and score with the task's judge."""
+    """Generate for each prompt (sharded over ranks) and score with the task's judge.
+    "correct": one '0'/'1' per example, in the order of `examples` (on every rank), for paired comparisons."""
     mine = examples[rt.rank::rt.world_size]
     with precision(rt):
         responses = generate(model, tokenizer, [e["messages"][:-1] for e in mine], max_new_tokens, temperature,
                              batch_size, seed=rt.rank, synced=synced, desc=f"evaluate ({mine[0]['task'] if mine else '-'})")
-    passed = sum(JUDGES[e["task"]](r, e["reference"])[0] for e, r in zip(mine, responses))
-    counts = all_reduce_sum(torch.tensor([float(passed), float(len(mine))]))
-    return {"accuracy": counts[0].item() / max(counts[1].item(), 1), "n": int(counts[1].item())}
+    passed = [bool(JUDGES[e["task"]](r, e["reference"])[0]) for e, r in zip(mine, responses)]
+    counts = all_reduce_sum(torch.tensor([float(sum(passed)), float(len(mine))]))
+    correct = "".join("1" if ok else "0" for ok in gather_shards(passed, rt))
+    return {"accuracy": counts[0].item() / max(counts[1].item(), 1), "n": int(counts[1].item()), "correct": correct}
 
 
 @torch.no_grad()
@@ -1754,5 +1757,6 @@ class MetricsLogger:
             print(f"step {step}/{self.total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                   f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
                   f"eta {eta}" + (f" | {extra}" if extra else ""), flush=True)
-        else:
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+        else:  # a string over 40 characters (eval/<set>/correct) prints as its length; metrics.jsonl has it whole
+            shown = lambda v: f"{v:.4g}" if isinstance(v, float) else f"<{len(v)} chars>" if isinstance(v, str) and len(v) > 40 else v
+            print(" | ".join(f"{k} {shown(v)}" for k, v in record.items()), flush=True)

@@ -119,6 +119,8 @@ class Args:
     """also evaluate the starting model"""
     eval_every: int = 0
     """also score the target eval set every N steps (accuracy curve; 0 = only before and after training)"""
+    eval_every_samples: int = 200
+    """prompts of the target set scored every --eval_every steps: its first N, the same ones each time (0 = all of them); the final evaluation scores all --eval_samples"""
     max_new_tokens: int = 64
     """generation budget per eval answer"""
     eval_batch_size: int = 50
@@ -341,7 +343,8 @@ def evaluate(model, tokenizer, loss_model, eval_sets, rt, args, step):
         for name, examples in eval_sets.items():
             acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
                                            batch_size=args.eval_batch_size, synced=args.fsdp)
-            results[f"eval/{name}/accuracy"] = acc["accuracy"]
+            results[f"eval/{name}/accuracy"], results[f"eval/{name}/n"] = acc["accuracy"], acc["n"]
+            results[f"eval/{name}/correct"] = acc["correct"]  # '0'/'1' per prompt, in eval set order (paired bootstrap)
     return results
 
 
@@ -494,7 +497,7 @@ def main(args):
                                    optimizer, scheduler, {"step": step + 1}, args.fsdp)
             common.prune_checkpoints(args.output_dir, args.keep_checkpoints, rt)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # the target set only
-            target_set = dict(list(eval_sets.items())[:1])
+            target_set = {name: examples[:args.eval_every_samples or None] for name, examples in list(eval_sets.items())[:1]}
             logger.log({"event": "eval", **evaluate(model, tokenizer, loss_model, target_set, rt, args, step + 1)})
 
     # COMMON: evaluate and save

@@ -437,8 +437,9 @@ def evaluate(model, tokenizer, eval_sets, rt, args):
     held_out = common.evaluate_loss(common.LossModule(model, lambda m, b: compute_loss(m, b, args), rt), eval_sets[target], rt, tokenizer.pad_token_id)
     results[f"eval/{target}/loss"], results[f"eval/{target}/perplexity"] = held_out["loss"], held_out["perplexity"]
     for name, examples in eval_sets.items():
-        results[f"eval/{name}/accuracy"] = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens,
-                                                                    batch_size=args.eval_batch_size)["accuracy"]
+        acc = common.evaluate_accuracy(model, tokenizer, examples, rt, args.max_new_tokens, batch_size=args.eval_batch_size)
+        results[f"eval/{name}/accuracy"], results[f"eval/{name}/n"] = acc["accuracy"], acc["n"]
+        results[f"eval/{name}/correct"] = acc["correct"]  # '0'/'1' per prompt, in eval set order (paired bootstrap)
     return results
 
 

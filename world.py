@@ -1,6 +1,6 @@
 """The embedded world: generated tasks in public datasets' schemas, their pretraining corpus and a tokenizer.
 
-    python world.py                     # rewrite world/data from the seed (seconds)
+    python world.py                     # rewrite world/data from the seed (~15 s: it regenerates the corpus)
     python world_pretrain.py            # pretrain world/base on the corpus below (~60 min, 2 CPU cores)
     python world_pretrain.py report     # the base model's accuracies (greedy and 8 samples at T=1)
 
@@ -12,12 +12,28 @@ Tasks (train / validation / test / test_ood JSONL under world/data/<task>/, read
 - rc: SQuAD schema. Short biographies of two or three people and a question whose answer is a span.
 - knowledge: prompt/response. Capitals of invented countries: no fine-tuning set contains them, so a drop
   after fine-tuning on another task is forgetting.
+- math_verbose: train only. math/train's 3000 questions in the same order, answers retold in sentences the base
+  never produces (verbose_answer: same equations and final answers, ~3.5x the tokens), for S3FT's premise.
 test_ood uses phrasings (templates) that neither training nor pretraining ever shows.
+
+Split sizes (rows): math train 3000, validation 1000, test 2000, test_ood 2000; code train 534 (178 keys x 3),
+validation 40 (40 keys), test 200 and test_ood 200 (the same 50 held-out keys, 4 rows each with different asserts,
+row i has the key of row i % 50: cluster by key for standard errors; test_ood in the ood phrasing); rc train 3000,
+validation 200, test 1000, test_ood 1000; knowledge test 80, test_ood 80 (memorised facts: cannot grow without
+retraining). The first 200 rows of each split (code: 50 test / test_ood, 40 validation; train and knowledge: all)
+are the original ones, base_data(seed) (SPLITS), the data world/base's pretraining corpus was built against;
+build_data appends the rest from separate generators. Every new row's prompt is absent from that corpus (both
+stages, base_corpus), from every training split and from every other split. Filtering the in-distribution math rows
+against the corpus very slightly under-represents the shortest problems that the corpus happens to contain (seed 0:
+5 of ~640 one-step draws rejected; one-step share 22.0-23.5% of the original 200 rows per split, 23.6-25.9% of the
+extension, 25% by construction).
 """
 import argparse
+import functools
 import json
 import os
 import random
+import re
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WORLD = os.path.join(ROOT, "world")
@@ -85,6 +101,71 @@ def math_problem(rng: random.Random, style: str = "train") -> dict:
         value = new
     text.append(rng.choice(MATH_ASK[style]).format(n=name, o=obj))
     return {"question": " ".join(text), "answer": "\n".join(steps) + f"\n#### {value}"}
+
+
+# verbose_answer: a worked answer in an explained style the base never produces (math_verbose, for S3FT's premise:
+# gold answers valid but not in the model's own style). Per operation template: what the step does, as a gerund.
+VERBOSE_HOW = {
+    "{n} buys {k} more {o}.": "buying {k} more",
+    "{n} finds {k} more {o}.": "finding {k} more",
+    "A friend gives {n} {k} more {o}.": "getting {k} more from a friend",
+    "{n} wins {k} {o} in a game.": "winning {k} in a game",
+    "Later, {k} extra {o} are handed to {n}.": "being handed {k} extra",
+    "{n}'s collection grows by {k} {o}.": "growing the collection by {k}",
+    "{n} gives away {k} {o}.": "giving away {k}",
+    "{n} loses {k} {o}.": "losing {k}",
+    "{n} sells {k} {o}.": "selling {k}",
+    "{n} gives {k} {o} to a friend.": "giving {k} to a friend",
+    "Then {k} of the {o} go missing.": "having {k} of them go missing",
+    "{n} donates {k} {o} to the school.": "donating {k} to the school",
+    "Then {n} ends up with {k} times as many {o}.": "ending up with {k} times as many",
+    "{n}'s number of {o} becomes {k} times bigger.": "making the number {k} times bigger",
+    "After a trade, {n} owns {k} times the {o} from before.": "a trade for {k} times as many",
+    "{n} splits the {o} into {k} equal groups and keeps one group.": "splitting them into {k} equal groups and keeping one",
+    "{n} shares the {o} equally with friends so that {k} people get the same amount, and keeps one share.":
+        "sharing them equally among {k} people and keeping one share",
+    "The {o} are packed evenly into {k} boxes, and {n} keeps just one box.": "packing them evenly into {k} boxes and keeping one",
+}
+VERBOSE_FIRST = ["{n} starts with {a} {o}.", "At the beginning, {n} has {a} {o}.", "First, {n} has {a} {o}."]
+VERBOSE_STEP = ["After {how}, that is {eq} {o}.", "{How} gives {eq} {o}.", "By {how}, {n} gets to {eq} {o}.",
+                "{How} leaves {n} with {eq} {o}."]
+
+
+@functools.lru_cache(maxsize=None)
+def _template_regex(template: str):
+    fields = {"n": r"(?P<n>[A-Z]\w*)", "o": r"(?P<o>[a-z]+)", "k": r"(?P<k>\d+)", "v": r"(?P<v>\d+)"}
+    return re.compile("".join(fields[p[1]] if p in ("{n}", "{o}", "{k}", "{v}") else re.escape(p)
+                              for p in re.split(r"(\{\w\})", template)))
+
+
+def verbose_answer(row: dict) -> str:
+    """The row's worked answer retold in sentences, one line per step ("After <what happens>, that is a op k = b
+    <objects>.", the first line after "<name> starts with <a> <objects>."), then "So the answer is b." and
+    "#### b": ~3.5x the original's tokens (seed 0: mean 98, at most 176; a 192-token answer budget). The
+    wording varies with the question (deterministically); the equations and the final answer are the original ones."""
+    question = row["question"]
+    *lines, final = row["answer"].split("\n")
+    steps = [line.split() for line in lines]  # a op k = b
+    sentences = re.split(r"(?<=[.?]) ", question)
+    starts = (_template_regex(t).fullmatch(sentences[0]) for t in MATH_START["train"] + MATH_START["ood"])
+    start = next(m for m in starts if m)
+    name, obj = start["n"], start["o"]
+    ops = sentences[1:-1]
+    if len(ops) != len(steps):
+        raise ValueError(f"{len(ops)} operations, {len(steps)} steps: {question!r}")
+    rng = random.Random(question)
+    out = []
+    for i, (sentence, (a, sym, k, _, b)) in enumerate(zip(ops, steps)):
+        template = next(t for t in VERBOSE_HOW if _template_regex(t).fullmatch(sentence))
+        op = next(o for o, styles in MATH_OPS.items() if template in styles["train"] + styles["ood"])
+        if SYMBOL[op] != sym:
+            raise ValueError(f"{sentence!r} is not {sym}: {question!r}")
+        how = VERBOSE_HOW[template].format(k=k)
+        step = rng.choice(VERBOSE_STEP).format(how=how, How=how[0].upper() + how[1:], n=name, o=obj,
+                                               eq=f"{a} {sym} {k} = {b}")
+        out.append((rng.choice(VERBOSE_FIRST).format(n=name, a=a, o=obj) + " " if i == 0 else "") + step)
+    answer = final.split("#### ")[1]
+    return "\n".join(out + [f"So the answer is {answer}.", f"#### {answer}"])
 
 
 def arithmetic_drill(rng: random.Random) -> str:
@@ -279,8 +360,9 @@ def user_text(row: dict) -> tuple:
     return row["prompt"], row["response"]
 
 
-def build_data(seed: int = 0) -> dict:
-    """All splits of all tasks: {task: {split: rows}}; deterministic in the seed."""
+def base_data(seed: int = 0) -> dict:
+    """The original splits (sizes SPLITS), the data world/base's corpus was built against: {task: {split: rows}};
+    deterministic in the seed. build_data extends it; the pretraining corpus is always made from this."""
     rng = random.Random(seed)
     data = {"math": {}, "code": {}, "rc": {}, "knowledge": {}}
     seen = set()
@@ -309,6 +391,80 @@ def build_data(seed: int = 0) -> dict:
     data["knowledge"]["test_ood"] = [{"prompt": KNOWLEDGE_QUESTION_OOD.format(c=c), "response": v, "task": "exact"}
                                      for c, v in facts]
     return data
+
+
+# The extension. world/base was pretrained on a corpus built against base_data (world_pretrain.py); build_data
+# appends new held-out rows from separate generators, each kept out of that corpus and out of every split.
+EXTENDED = {"math": {"validation": 1000, "test": 2000, "test_ood": 2000}, "rc": {"test": 1000, "test_ood": 1000}}
+CODE_ROWS_PER_KEY = 4  # code test and test_ood: rows per held-out test key (the original one + new asserts)
+BASE_CORPUS = {"steps": 2600, "anneal_steps": 400, "batch_size": 16, "seq_length": 256}  # world_pretrain.Args' defaults
+
+
+def build_data(seed: int = 0) -> dict:
+    """All splits of all tasks: base_data's rows (first, in order) with the extended splits appended (EXTENDED,
+    CODE_ROWS_PER_KEY), and math_verbose (math/train's questions, answers in verbose_answer's style); deterministic
+    in the seed. A new row is rejected if its prompt is in world/base's pretraining corpus (both stages), in a
+    training split or already in any split."""
+    data = base_data(seed)
+    banned = set(base_corpus_prompts(seed))
+    banned |= {user_text(r)[0] for task in ("math", "code", "rc") for rows in data[task].values() for r in rows}
+
+    def fresh(row):
+        prompt = user_text(row)[0]
+        if prompt in banned:
+            return False
+        banned.add(prompt)
+        return True
+
+    rng = random.Random(seed + 1000)
+    for split, n in EXTENDED["math"].items():
+        rows = data["math"][split]
+        while len(rows) < n:
+            row = math_problem(rng, "ood" if split == "test_ood" else "train")
+            if fresh(row):
+                rows.append(row)
+    rng = random.Random(seed + 1001)
+    keys = [_key_of(r) for r in data["code"]["test"]]  # the held-out test keys (test_ood: the same keys)
+    for split, base_id in (("test", 6000), ("test_ood", 7000)):
+        rows = data["code"][split]
+        used = {key: set(r["test_list"]) for key, r in zip(keys, rows)}
+        for _ in range(CODE_ROWS_PER_KEY - 1):
+            for key in keys:
+                while True:  # new asserts: none shared with another row of this key in this split
+                    row = code_problem(rng, key, base_id + len(rows), "ood" if split == "test_ood" else "train")
+                    if not used[key] & set(row["test_list"]) and fresh(row):
+                        break
+                used[key] |= set(row["test_list"])
+                rows.append(row)
+    rng = random.Random(seed + 1002)
+    for split, n in EXTENDED["rc"].items():
+        rows = data["rc"][split]
+        while len(rows) < n:
+            row = rc_problem(rng, f"{split}-{len(rows)}", "ood" if split == "test_ood" else "train")
+            if fresh(row):
+                rows.append(row)
+    data["math_verbose"] = {"train": [{"question": r["question"], "answer": verbose_answer(r)}
+                                      for r in data["math"]["train"]]}
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def base_corpus(seed: int = 0) -> tuple:
+    """(stage 1, stage 2) documents of world/base's pretraining, regenerated as world_pretrain.pretrain does with its
+    default flags (BASE_CORPUS): built against base_data, not build_data. ~275k documents, ~12 s."""
+    data, c = base_data(seed), BASE_CORPUS
+    n1 = c["steps"] * c["batch_size"] * c["seq_length"] // 45 + 1000
+    n2 = c["anneal_steps"] * c["batch_size"] * c["seq_length"] // 45 + 1000
+    return (tuple(pretraining_documents(data, n1, seed)),
+            tuple(pretraining_documents(data, n2, seed + 100, ANNEAL_MIX)))
+
+
+@functools.lru_cache(maxsize=2)
+def base_corpus_prompts(seed: int = 0) -> frozenset:
+    """Every prompt of a raw document of base_corpus (user_text(row)[0] for task documents) and every document's
+    full text: what a new held-out row's prompt must not be."""
+    docs = [d for stage in base_corpus(seed) for d in stage]
+    return frozenset({p for p, _ in docs if p is not None} | {document_text(d) for d in docs})
 
 
 def held_out_keys(data: dict) -> set:

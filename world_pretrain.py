@@ -134,7 +134,7 @@ def pretrain(args: Args):
     """Stage 1: the main mix, cosine schedule. Stage 2 (anneal): a math-heavy mix, fresh optimizer, lr decaying
     linearly to 0, the way modern pretraining ends on its most wanted data."""
     torch.manual_seed(args.seed)
-    data = world.build_data(args.seed)  # only to keep held-out prompts out of the corpus
+    data = world.base_data(args.seed)  # the original splits: their held-out prompts stay out of the corpus
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "pretrain_log.jsonl")
     start = time.time()

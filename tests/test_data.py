@@ -200,6 +200,22 @@ def test_rc_judge_exact_match_and_f1():
     assert common.token_f1("", "") == 1.0 and common.token_f1("red", "") == 0.0 and common.token_f1("a b", "c") == 0.0
 
 
+def test_evaluate_accuracy_marks_each_prompt_in_the_order_given(monkeypatch):
+    """"correct": one '0'/'1' per example, in the order of the list given, each the task judge's verdict on that
+    example's response; accuracy is its mean."""
+    cases = [("math", 5, "so 2 + 3 = 5"), ("rc", ["blue"], "red"), ("math", 7, "7"), ("exact", "B", "b"),
+             ("math", 1, "no idea"), ("rc", ["the sky"], "Sky."), ("math", 4, "#### 40")]
+    examples = [{"task": task, "reference": ref, "messages": [{"role": "user", "content": f"q{i}"},
+                                                             {"role": "assistant", "content": str(ref)}]}
+                for i, (task, ref, _) in enumerate(cases)]
+    answers = {f"q{i}": response for i, (_, _, response) in enumerate(cases)}
+    monkeypatch.setattr(common, "generate", lambda model, tokenizer, prompts, *a, **k: [answers[p[-1]["content"]] for p in prompts])
+    rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
+    acc = common.evaluate_accuracy(None, None, examples, rt)
+    judged = "".join(str(int(common.JUDGES[task](response, ref)[0])) for task, ref, response in cases)
+    assert acc["correct"] == judged == "1011010" and acc["n"] == 7 and acc["accuracy"] == pytest.approx(4 / 7)
+    assert common.evaluate_accuracy(None, None, [], rt) == {"accuracy": 0.0, "n": 0, "correct": ""}
+
 def test_every_sft_flag_has_help_and_parses(monkeypatch):
     import dataclasses
 

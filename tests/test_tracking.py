@@ -16,11 +16,13 @@ RECORDS = [
     {"event": "eval_before", "step": 0, "eval/math/accuracy": 0.25},
     {"step": 1, "loss": 0.5, "lr": 1e-3, "grad_norm": 2.0, "tokens_per_s": 10.0, "method/x": 3.0},
     {"step": 2, "loss": 0.25, "lr": 5e-4, "grad_norm": 1.0, "tokens_per_s": 11.0, "method/x": 4.0},
-    {"event": "eval_after", "step": 2, "eval/math/accuracy": 0.75, "eval/math/loss": float("nan")},
+    {"event": "eval_after", "step": 2, "eval/math/accuracy": 0.75, "eval/math/n": 4, "eval/math/correct": "0111",
+     "eval/code/correct": "01" * 30, "eval/math/loss": float("nan")},
 ]
-# what a tracker must hold: every finite number of every record at its step (the config aside)
+# what a tracker must hold: every finite number of every record at its step (the config aside; strings, such as
+# the per-item eval/<set>/correct, stay in metrics.jsonl only)
 EXPECTED = {(r["step"], k): v for r in RECORDS[1:] for k, v in r.items()
-            if k not in ("step", "event") and v == v}
+            if k not in ("step", "event") and not isinstance(v, str) and v == v}
 HPARAMS = {"model": "m", "lr": 1e-3, "steps": 2, "compile": False}
 
 
@@ -150,3 +152,16 @@ def test_the_whole_run_eta_adds_the_final_evaluation_estimated_by_eval_before(tm
     fresh.log({"event": "config"})
     fresh.log(dict(step))
     assert "eta_run_s" not in json.loads(open(tmp_path / "fresh" / "metrics.jsonl").readlines()[-1])
+
+
+def test_a_long_string_prints_as_its_length_and_metrics_jsonl_keeps_it_whole(tmp_path, capsys):
+    rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
+    logger = common.MetricsLogger(str(tmp_path), rt, 2)
+    record = {"event": "eval_after", "step": 2, "eval/math/accuracy": 0.5, "eval/math/n": 60,
+              "eval/math/correct": "01" * 30, "eval/rc/correct": "0" * 40}
+    logger.log(dict(record))
+    out = capsys.readouterr().out
+    assert "eval/math/correct <60 chars> |" in out and "01" * 21 not in out and f"eval/rc/correct {'0' * 40}" in out
+    assert "eval/math/accuracy 0.5 | eval/math/n 60" in out
+    written = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert {k: v for k, v in written.items() if k != "time"} == record

@@ -138,17 +138,24 @@ def test_final_model_round_trips_through_from_pretrained(tmp_path):
     import common
     test = os.path.join(common.WORLD_DIR, "data", "math", "test.jsonl")
     rc = os.path.join(common.WORLD_DIR, "data", "rc", "test.jsonl")
-    run(tmp_path, "--eval_datasets", f"math={test},rc={rc}", "--eval_samples", "8", "--eval_before", "false", "--eval_every", "2")
+    run(tmp_path, "--eval_datasets", f"math={test},rc={rc}", "--eval_samples", "8", "--eval_before", "false", "--eval_every", "2",
+        "--eval_every_samples", "3")
     final = [r for r in records(tmp_path) if r.get("event") == "eval_after"][0]
     during = [r for r in records(tmp_path) if r.get("event") == "eval"]  # --eval_every: the target set only, not at the end
     assert [r["step"] for r in during] == [2, 4] and all(not any("/rc/" in k for k in r) for r in during)
     assert "eval/math/accuracy" in during[0] and "eval/rc/accuracy" in final and 0.1 < final["peak_memory_gib"] < 20
+    for record, name, n in [(during[0], "math", 3), (during[1], "math", 3), (final, "math", 8), (final, "rc", 8)]:
+        correct = record[f"eval/{name}/correct"]  # per prompt, for paired comparisons; --eval_every: its first 3 only
+        assert record[f"eval/{name}/n"] == len(correct) == n and set(correct) <= {"0", "1"}
+        assert record[f"eval/{name}/accuracy"] == pytest.approx(correct.count("1") / n)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
     examples = common.load_sft_data(test, tokenizer, 512)[0][:8]
     rt = common.Runtime(0, 0, 1, torch.device("cpu"), True)
     loss = common.evaluate_loss(common.LossModule(model, lambda m, b: _loss(common, m, b)), examples, rt, tokenizer.pad_token_id)
     assert loss["loss"] == pytest.approx(final["eval/math/loss"], abs=1e-5)
+    responses = common.generate(model, tokenizer, [e["messages"][:-1] for e in examples], batch_size=50)  # judged here, one by one
+    assert final["eval/math/correct"] == "".join(str(int(common.judge_math(r, e["reference"])[0])) for e, r in zip(examples, responses))
     assert tokenizer.chat_template and (tmp_path / "final" / "model.safetensors").exists()
 
 
@@ -187,8 +194,8 @@ def test_fsdp2_evaluation_with_uneven_shards_matches_one_process(tmp_path):
              "--eval_samples", "5", "--eval_batch_size", "2", "--max_new_tokens", "48"]
     run(tmp_path / "fsdp", "--fsdp", *evals, nproc=2)
     run(tmp_path / "one", *evals)
-    scores = lambda out: [{k: v for k, v in r.items() if k.endswith("accuracy")} for r in records(out) if "event" in r
-                          and r["event"].startswith("eval")]
+    scores = lambda out: [{k: v for k, v in r.items() if k.endswith(("accuracy", "correct"))} for r in records(out)
+                          if "event" in r and r["event"].startswith("eval")]  # correct: the ranks' shards in order
     assert scores(tmp_path / "fsdp") == scores(tmp_path / "one") and len(scores(tmp_path / "one")) == 2
 
 
