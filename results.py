@@ -492,7 +492,7 @@ def verdict(ci: dict, direction: int = 1) -> str:
     it excludes 0 the other way; "within noise" otherwise."""
     if ci is None:
         return "not run"
-    if ci["n_items"] == 1 and ci["n_seeds"] < 2:
+    if ci.get("n_items") == 1 and ci.get("n_seeds", 0) < 2:
         return "needs 2+ seeds"  # a per-run number of one run has no interval
     lo, hi = ci["lo"] * direction, ci["hi"] * direction
     lo, hi = min(lo, hi), max(lo, hi)
