@@ -246,12 +246,12 @@ def test_base_model_is_small_power_of_two_and_loads():
 def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     tiny = ["--steps", "3", "--anneal_steps", "2", "--batch_size", "2", "--seq_length", "32", "--hidden_size", "32",
             "--layers", "1", "--heads", "2", "--intermediate_size", "64", "--warmup_steps", "1", "--log_every", "1"]
-    runs = {"a": [], "b": [], "stage1": ["--anneal_steps", "0"], "c": ["--stage1_from", str(tmp_path / "stage1")]}
+    runs = {"a": [], "stage1": ["--anneal_steps", "0"], "c": ["--stage1_from", str(tmp_path / "stage1")]}
     for name, extra in runs.items():
         subprocess.run([sys.executable, "world_pretrain.py", "--output_dir", str(tmp_path / name), *tiny, *extra],
                        cwd=os.path.dirname(world.__file__), check=True, capture_output=True, timeout=600)
-    a, b, c, s1 = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b", "c", "stage1"))
-    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)  # seed alone; stage 1 resumed
+    a, c, s1 = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "c", "stage1"))
+    assert all(torch.equal(a[k], c[k]) for k in a)  # the seed alone: two processes, stage 1 written then resumed
     assert not all(torch.equal(a[k], s1[k]) for k in a)  # stage 2 did train
     with open(tmp_path / "a" / "pretrain_log.jsonl") as f:
         log = [json.loads(line) for line in f]
