@@ -329,6 +329,25 @@ def test_decode_dropping_finished_rows_changes_nothing(world_prompts, tokenizer)
     assert torch.equal(g(0), g(0)) and not torch.equal(g(0), g(1))
 
 
+def test_preallocated_kv_cache_decodes_the_tokens_of_transformers_dynamic_cache(world_prompts, tokenizer, monkeypatch):
+    """common.kv_cache writes into preallocated buffers (grown by doubling) instead of concatenating: the same
+    greedy tokens as DynamicCache, with rows dropped as they finish, also when the buffers must grow."""
+    from transformers import DynamicCache
+    model = common.load_model(os.path.join(common.WORLD_DIR, "base"))[0].eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in world_prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    stops = torch.tensor(model.generation_config.eos_token_id)
+    assert {type(layer).__name__ for layer in common.kv_cache(model, 8).layers} == {"PreallocatedLayer"}
+    decode = lambda: common.decode(model, enc["input_ids"], enc["attention_mask"], 40, stops, compact=0.1)
+    preallocated = decode()
+    preallocate = common.kv_cache
+    monkeypatch.setattr(common, "kv_cache", lambda m, capacity: preallocate(m, 4))  # grows 4 -> ... -> prompt + 40
+    grown = decode()
+    monkeypatch.setattr(common, "kv_cache", lambda m, capacity: DynamicCache(config=m.config))
+    assert torch.equal(preallocated, decode()) and torch.equal(grown, preallocated) and (preallocated == -1).any()
+
+
 def test_content_hash_covers_weights_data_and_code():
     first = lambda x: x + 1  # noqa: E731
     second = lambda x: x + 2  # noqa: E731
