@@ -72,10 +72,10 @@ def print_table(runs: list, metrics: list):
 
 # ============================================================ THE SUITE: which runs, with which budget
 SUITES = {  # equal budget: every training run of a group has the same steps x batch (32), data, lr and schedule
-    "full": dict(seeds=5, steps=100, code_steps=0, eval_every=25, code_eval_every=4, eval_every_samples=200,
+    "full": dict(seeds=5, steps=100, code_steps=0, eval_every=25, code_eval_every=4, eval_every_samples=200, code_curve_samples=50,
                  eval_samples=0, eval_batch_size=200, train_samples=0, search_samples=128, early_exit_prompts=50,
                  grid_lrs=(5e-4, 1e-3, 2e-3), grid_steps=(50, 100), grid_seeds=(0, 1), select_samples=0),
-    "quick": dict(seeds=1, steps=8, code_steps=4, eval_every=4, code_eval_every=2, eval_every_samples=5,
+    "quick": dict(seeds=1, steps=8, code_steps=4, eval_every=4, code_eval_every=2, eval_every_samples=5, code_curve_samples=5,
                   eval_samples=10, eval_batch_size=50, train_samples=160, search_samples=16, early_exit_prompts=5,
                   grid_lrs=(1e-3, 2e-3), grid_steps=(8,), grid_seeds=(0,), select_samples=10),
 }  # code_steps 0: one epoch (FAIT's paper trains one), floor(534 / 32) = 16 steps
@@ -176,19 +176,19 @@ def suite_runs(suite: str, root: str, records: str = "") -> list:
     seeds = range(b["seeds"])
     math_data = subset(os.path.join(DATA, "math", "train.jsonl"), b["train_samples"], root)
     verbose_data = subset(os.path.join(DATA, "math_verbose", "train.jsonl"), b["train_samples"], root)
-    code_data = subset(os.path.join(DATA, "code", "train.jsonl"), b["train_samples"] // 2, root)
+    code_data = subset(os.path.join(DATA, "code", "train.jsonl"), b["train_samples"] // 4, root)
     with open(code_data) as f:
         code_steps = b["code_steps"] or sum(1 for line in f if line.strip()) // 32  # one epoch
     cache = ["--cache_dir", os.path.join(root, "cache")]
     final = lambda name, seed: os.path.join(root, f"{name}_s{seed}", "final")
     scoring = ["--eval_samples", str(b["eval_samples"]), "--eval_batch_size", str(b["eval_batch_size"])]
 
-    def train(steps, every, seed, first=False):
+    def train(steps, every, seed, first=False, curve=b["eval_every_samples"]):
         return ["--steps", str(steps), "--seed", str(seed), *scoring, "--eval_every", str(every),
-                "--eval_every_samples", str(b["eval_every_samples"]), "--eval_before", str(first).lower()]
+                "--eval_every_samples", str(curve), "--eval_before", str(first).lower()]
 
     math = lambda s, first=False, data=math_data: train(b["steps"], b["eval_every"], s, first) + ["--dataset", data]
-    code = lambda s, first=False: (train(code_steps, b["code_eval_every"], s, first)
+    code = lambda s, first=False: (train(code_steps, b["code_eval_every"], s, first, b["code_curve_samples"])  # one row per function
                                    + ["--dataset", code_data, "--eval_datasets", CODE_EVALS])
     evaluate = lambda s: ["--steps", "0", "--seed", str(s), *scoring, "--eval_before", "false"]
     runs = []
@@ -318,18 +318,17 @@ def training_ce(record: dict) -> float:
     return record.get("method/ce", exits[-1][1] if exits else record["loss"])
 
 
-def curve_of(records: list, key: str, config: dict) -> dict:
-    """Target accuracy by step on the curve's fixed subset: the --eval_every records score the first
-    eval_every_samples prompts; the before and after records score all of them, and their per-item results give
-    the same subset's accuracy, so every point of the curve is on the same prompts."""
-    n = config.get("eval_every_samples") or 0
+def curve_of(records: list, key: str, n: int) -> dict:
+    """Target accuracy by step on the curve's fixed subset, the first n prompts (0 = all): the --eval_every records
+    score the first eval_every_samples prompts, the before and after records all of them, and their per-item results
+    give the subset's accuracy, so every point of the curve is on the same prompts."""
     curve = {}
     for r in records:
         if r.get("event") not in ("eval_before", "eval", "eval_after") or key not in r:
             continue
         correct = r.get(key.replace("/accuracy", "/correct"))
-        curve[r.get("step", 0)] = (correct[:n].count("1") / len(correct[:n]) if n and isinstance(correct, str) and
-                                   r.get("event") != "eval" else r[key])
+        curve[r.get("step", 0)] = (correct[:n].count("1") / n if n and isinstance(correct, str) and len(correct) >= n
+                                   else r[key])
     return dict(sorted(curve.items()))
 
 
@@ -351,7 +350,8 @@ def summarize(run: Run) -> dict:
             "ingredients": [r for r in records if r.get("event") == "ingredient"],
             "kept": next((r["kept"] for r in records if r.get("event") == "greedy_soup"), []),
             "loss": {s: training_ce(r) for s, r in sorted(steps.items())},
-            "curve": curve_of(records, f"eval/{target}/accuracy", config),
+            "curve": curve_of(records, f"eval/{target}/accuracy", int(run.args[run.args.index("--eval_every_samples") + 1])
+                              if "--eval_every_samples" in run.args else config.get("eval_every_samples") or 0),
             "train_s": sum(dts.values()) if dts else None,
             "tokens_per_s": sum(steps[s]["tokens"] for s in timed) / sum(dts[s] for s in timed) if timed else None,
             "wall_s": wall, "peak_gib": after.get("peak_memory_gib")}
