@@ -452,7 +452,8 @@ def paired_bootstrap(parts: list, draws: int = 2000, seed: int = 0) -> dict:
     both = estimates(True, True)
     return {"diff": diff, "lo": float(np.percentile(both, 2.5)), "hi": float(np.percentile(both, 97.5)), "half": half(both),
             "items_half": half(estimates(True, False)), "seeds_half": half(estimates(False, True)) if n_seeds > 1 else 0.0,
-            "n_seeds": n_seeds, "n_items": sum(d.shape[1] for d, _ in parts) // len(parts)}
+            "n_seeds": n_seeds, "n_items": sum(d.shape[1] for d, _ in parts) // len(parts),
+            "sizes": "/".join(dict.fromkeys(str(d.shape[1]) for d, _ in parts))}
 
 
 def compare(rows: dict, a: str, b: str, keys: list, records: dict = None) -> dict:
@@ -713,7 +714,7 @@ def interval(ci: dict, scale: float = 100) -> tuple:
     if ci is None:
         return "n/a", "", "", ""
     return (f"{ci['diff'] * scale:+.1f} [{ci['lo'] * scale:+.1f}, {ci['hi'] * scale:+.1f}]", f"{ci['half'] * scale:.1f}",
-            str(ci["n_items"]) if ci["n_items"] > 1 else "-", str(ci["n_seeds"]))
+            ci.get("sizes", str(ci["n_items"])) if ci["n_items"] > 1 else "-", str(ci["n_seeds"]))
 
 
 def claims_table(rows: dict) -> list:
@@ -731,7 +732,7 @@ def variance_table(rows: dict) -> list:
     for m, c, t, ci, _, _ in claims(rows):
         if ci and ci["n_items"] > 1:
             lines.append(f"| {m}: {c} | {100 * ci['half']:.2f} | {100 * ci['items_half']:.2f} | {100 * ci['seeds_half']:.2f} | "
-                         f"{ci['n_items']} | {ci['n_seeds']} |")
+                         f"{ci.get('sizes', ci['n_items'])} | {ci['n_seeds']} |")
     return lines
 
 
