@@ -490,14 +490,16 @@ def seed_bootstrap(values: list) -> dict:
 
 def verdict(ci: dict, direction: int = 1) -> str:
     """The claim holds ("reproduced") only when the 95% interval excludes 0 in the claimed direction; "opposite" when
-    it excludes 0 the other way; "within noise" otherwise."""
+    it excludes 0 the other way; "within noise" otherwise. With one seed (or one model, a soup) the interval covers
+    the items only, and the verdict says so."""
     if ci is None:
         return "not run"
     if ci.get("n_items") == 1 and ci.get("n_seeds", 0) < 2:
         return "needs 2+ seeds"  # a per-run number of one run has no interval
     lo, hi = ci["lo"] * direction, ci["hi"] * direction
     lo, hi = min(lo, hi), max(lo, hi)
-    return "reproduced" if lo > 0 else "opposite" if hi < 0 else "within noise"
+    found = "reproduced" if lo > 0 else "opposite" if hi < 0 else "within noise"
+    return found + (" (1 seed: the interval has no seed variance)" if ci.get("n_seeds", 2) < 2 else "")
 
 
 def pct(values: list) -> str:

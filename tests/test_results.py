@@ -123,7 +123,7 @@ def test_forgetting_paired_claims_and_missing_runs(tmp_path):
     assert v == "reproduced" and ci["lo"] > 0  # every item of every seed: DFT right where SFT is, and 4 more
     # OTR has seed 0 only: paired with SFT's seed 0; the same items right, rotated: a difference of 0 in accuracy
     _, ci, v = table[("OTR", "OTR > SFT")]
-    assert ci["n_seeds"] == 1 and ci["diff"] == pytest.approx(0) and v == "within noise"
+    assert ci["n_seeds"] == 1 and ci["diff"] == pytest.approx(0) and v == "within noise (1 seed: the interval has no seed variance)"
     assert table[("ASFT", "ASFT > SFT")][2] == "not run"  # a method without finished runs is reported, not guessed
 
 
@@ -136,7 +136,7 @@ def test_report_writes_every_group_row_and_interval(tmp_path):
     assert "| starting model | | 10.0 | 0.0 | 0 |" in text and "math (ID, n=20)" in text
     assert "| S3FT | 1 | 45.0 | 5.0 | 0.0 | 15.0 | 120 | 1.50 | 12 |" in text  # train 10+3+2 s, tokens/s (300+300)/(3+2)
     assert "| S3FT | in-domain accuracy at least SFT's; gold in the model's own style (control) | math: S3FT 45.0 vs SFT 40.0 | +5.0 [" in text
-    assert "| 20 | 1 | within noise |" in text and "## What would change the verdict" in text
+    assert "| 20 | 1 | within noise (1 seed: the interval has no seed variance) |" in text and "## What would change the verdict" in text
     assert "| FAIT | higher pass@1 than SFT | code: FAIT n/a vs SFT n/a | n/a |" in text
 
 
@@ -226,7 +226,7 @@ def test_greedy_soup_claims_compare_the_single_model_chosen_on_validation(tmp_pa
     rows = results.collect(runs)
     table = {c: (t, ci, v) for m, c, t, ci, _, v in results.claims(rows) if m == "Greedy soup"}
     text, ci, v = table["greedy soup >= the best single model (chosen on validation)"]
-    assert "greedy 30.0 vs sft_s1 30.0" in text and ci["diff"] == 0 and ci["n_seeds"] == 1 and v == "within noise"
+    assert "greedy 30.0 vs sft_s1 30.0" in text and ci["diff"] == 0 and ci["n_seeds"] == 1 and v.startswith("within noise (1 seed")
     text, ci, v = table["the best single model > uniform soup"]
     assert ci["diff"] == pytest.approx(-0.05)
     grid = "\n".join(results.grid_table(rows))
