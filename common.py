@@ -1398,9 +1398,8 @@ def evaluate_accuracy(model, tokenizer, examples: list, rt: Runtime, max_new_tok
         responses = generate(model, tokenizer, [e["messages"][:-1] for e in mine], max_new_tokens, temperature,
                              batch_size, seed=rt.rank, synced=synced, desc=f"evaluate ({mine[0]['task'] if mine else '-'})")
     passed = [bool(JUDGES[e["task"]](r, e["reference"])[0]) for e, r in zip(mine, responses)]
-    counts = all_reduce_sum(torch.tensor([float(sum(passed)), float(len(mine))]))
-    correct = "".join("1" if ok else "0" for ok in gather_shards(passed, rt))
-    return {"accuracy": counts[0].item() / max(counts[1].item(), 1), "n": int(counts[1].item()), "correct": correct}
+    correct = "".join("1" if ok else "0" for ok in gather_shards(passed, rt))  # every rank: all examples, in order
+    return {"accuracy": correct.count("1") / max(len(correct), 1), "n": len(correct), "correct": correct}
 
 
 @torch.no_grad()
