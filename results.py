@@ -408,11 +408,15 @@ def clusters_of(config: dict, task: str, n: int) -> list:
     path = sources.get(task, "")
     if "world/data/" in path:  # a record written on another machine: the same file in this checkout
         path = os.path.join(DATA, path.split("world/data/")[-1])
-    if not path.endswith(".jsonl") or not os.path.exists(path):
+    rows = []
+    if path.endswith(".jsonl") and os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()][:n]
+    if len(rows) != n:  # items resampled one by one: too narrow if they share programs; say so
+        if path:
+            print(f"warning: {task}: {path} does not give its {n} items; each item is its own cluster", file=sys.stderr)
         return list(range(n))
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()][:n]
-    return [row.get("code", i) for i, row in enumerate(rows)] if len(rows) == n else list(range(n))
+    return [row.get("code", i) for i, row in enumerate(rows)]
 
 
 def correct_matrix(records: list, key: str):
