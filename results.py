@@ -565,7 +565,7 @@ def claims(rows: dict) -> list:
     speed = [r["after"].get("method/threshold/speedup") for r in rows.get("soft", [])]
     ci = seed_bootstrap([s - 1 for s in speed if s is not None])
     row("SoFT", "early exit decodes faster than the full model",
-        f"threshold 0.9: {fmt(speed, 1, 2)}x the full model's tokens/s (batch 1); the interval is of the speed-up - 1", ci)
+        f"threshold 0.9: {fmt(speed, 1, 2)}x the full model's tokens/s (batch 1); the interval is of the speed-up - 1, in %", ci)
     row("RoSTE", "RoSTE > SFT then quantization (W4A4KV4)", f"math: RoSTE {pct(acc('roste'))} vs SFT + RTN {pct(acc('sft_rtn'))}",
         compare(rows, "roste", "sft_rtn", target_keys("math")))
     chosen, single = soup_single(rows)
@@ -727,8 +727,7 @@ def claims_table(rows: dict) -> list:
     lines = ["| method | paper's claim | measured here | difference, points [95% CI] | ± | n items | n seeds | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for m, c, t, ci, direction, v in claims(rows):
-        scale = 1 if "speed-up" in t else 100
-        lines.append(f"| {m} | {c} | {t} | " + " | ".join(interval(ci, scale)) + f" | {v} |")
+        lines.append(f"| {m} | {c} | {t} | " + " | ".join(interval(ci)) + f" | {v} |")
     return lines + [f"| {m} | {c} | {t} | | | | | not testable at this scale |" for m, c, t in NOT_TESTABLE]
 
 
