@@ -840,7 +840,7 @@ def write_report(suite: str, rows: dict, out: str, plots_dir: str, total_wall: f
                   "split.", "", *grid, ""]
     lines += ["## The papers' claims beside our measurements", "",
               "Each row is a paired difference, method minus its comparison, on the same seeds (seed s against seed s) and "
-              "the same items, in accuracy points (the speed-up row: a ratio). The interval is a 95% percentile bootstrap "
+              "the same items, in accuracy points (the speed-up row: the speed-up minus 1, in percent, over seeds). The interval is a 95% percentile bootstrap "
               "that resamples seeds and items together (2,000 draws; the world's code test has 4 rows of asserts per "
               "function, resampled as one cluster). **Verdict**: reproduced only when the interval excludes 0 in the "
               "claimed direction; opposite when it excludes 0 the other way; within noise otherwise. One small model, "
