@@ -766,10 +766,12 @@ WHAT_WOULD_CHANGE = [  # per claim: what the embedded world lacks, and the paper
              "Qwen2.5-Math and Llama models", "benchmark/dft.sh, benchmark/asft.sh, benchmark/otr.sh"),
     ("DRIFT", "the paper's lr (1e-6; the world trains at 1e-3, where the pull overshoots theta_R) and a reasoning "
               "model theta_R far from theta_T", "benchmark/drift.sh"),
-    ("SoFT", "a deep model (24+ layers): with 4 layers every exit removes a quarter or more of the network",
+    ("SoFT", "a deep model (24+ layers): with 4 layers every exit removes a quarter or more of the network; and "
+             "for the early-exit speed-up, a timing on a quiet GPU rather than batch 1 on a shared 2-core CPU",
              "benchmark/sorted_ft.sh"),
-    ("RoSTE", "real int4 kernels for the memory and latency claim; the accuracy claim is testable here",
-              "benchmark/roste.sh"),
+    ("RoSTE", "real int4 kernels for the memory and latency claim; the accuracy claim is testable here, but at five "
+              "seeds its interval touches 0 and is mostly the seeds' spread: more seeds, or a larger model, where "
+              "RTN's W4A4KV4 loss is larger than here", "benchmark/roste.sh"),
     ("Greedy soup, LiNeS", "fine-tuned ingredients from a large pretrained model (the soup paper's CLIP/ViT), where "
                            "the loss basin is wide; here they are 3M-parameter models", "benchmark/merge.sh"),
 ]
