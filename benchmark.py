@@ -12,8 +12,9 @@
     python benchmark.py mfu --device cuda    # the GPU check: sft/asft/drift in bf16, DDP and FSDP2, tokens/s and MFU
     python benchmark.py mfu --layers 2 --steps 3 --warmup 1 --batch_size 4 --max_length 64  # its CPU rehearsal
 
-Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
-median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
+Loss: every implementation runs in a fresh subprocess (fp32, or bf16 autocast over fp32 weights with --loss_dtype
+bfloat16; `torch.set_num_threads` = --threads). Time is the median fwd+bwd of --reps calls after one warm-up (which
+holds any compile). Peak extra memory is the process's
 RSS high-water mark during one measured call (reset through /proc/self/clear_refs) minus the RSS before it, so
 it counts everything the call allocates, including the gradients dX and dW ("floor" = their bytes).
 Train: a model with Qwen2.5-0.5B's width and vocabulary (H 896, 14 heads, 2 KV heads, V 151,936, tied) but
@@ -58,8 +59,10 @@ def rss_mib(field):
                 return int(line.split()[1]) / 1024
 
 
-def loss_worker(impl, n, h, v, reps, threads):
-    """Runs inside the subprocess: prints one JSON line with the measurements of `impl`."""
+def loss_worker(impl, n, h, v, reps, threads, dtype="float32"):
+    """Runs inside the subprocess: prints one JSON line with the measurements of `impl` (fp32 weights; bfloat16 =
+    under autocast, as the training scripts' mixed precision)."""
+    import contextlib
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
@@ -79,8 +82,13 @@ def loss_worker(impl, n, h, v, reps, threads):
     elif impl.startswith("ours"):  # ours, ours_eager, ours:<chunk rows>
         chunk = int(impl.split(":")[1]) if ":" in impl else None
         fn = lambda: common.fused_linear_cross_entropy(x, w, y, chunk_size=chunk, compile=impl != "ours_eager")[0] / n
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext():
+            loss = fn()
+        loss.backward()
     t0 = time.perf_counter()
-    fn().backward()
+    step()
     compile_s = time.perf_counter() - t0
     times = []
     for rep in range(reps):
@@ -90,7 +98,7 @@ def loss_worker(impl, n, h, v, reps, threads):
                 f.write("5")
             before = rss_mib("VmRSS")
         t0 = time.perf_counter()
-        fn().backward()
+        step()
         times.append(time.perf_counter() - t0)
         if rep == 0:
             peak = rss_mib("VmHWM") - before
@@ -104,7 +112,8 @@ def bench_loss(args):
         n, h, v = map(int, shape.split("x"))
         rows = {}
         for impl in args.impls:
-            cmd = [sys.executable, __file__, "_loss_worker", impl, str(n), str(h), str(v), str(args.reps), str(args.threads)]
+            cmd = [sys.executable, __file__, "_loss_worker", impl, str(n), str(h), str(v), str(args.reps), str(args.threads),
+                   args.loss_dtype]
             # glibc: return freed memory to the OS, so the RSS high-water mark sees every allocation
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -114,7 +123,7 @@ def bench_loss(args):
             rows[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"  measured {impl} at {shape}: {rows[impl]}", flush=True)
         base = rows.get("naive")
-        print(f"\n(N, H, V) = ({n}, {h}, {v}) fp32, fwd+bwd, {args.threads} threads, median of {args.reps}; "
+        print(f"\n(N, H, V) = ({n}, {h}, {v}) {args.loss_dtype}, fwd+bwd, {args.threads} threads, median of {args.reps}; "
               f"floor (dX + dW) = {next(iter(rows.values()))['floor_mib']:.0f} MiB")
         print("| implementation | time (s) | time / naive | peak extra (MiB) | memory / naive | first call (s) |")
         print("|---|---|---|---|---|---|")
@@ -708,8 +717,8 @@ def bench_merge(args):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_loss_worker":
-        impl, n, h, v, reps, threads = sys.argv[2:8]
-        loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads))
+        impl, n, h, v, reps, threads, dtype = sys.argv[2:9]
+        loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads), dtype)
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "_train_worker":
         train_worker(json.loads(sys.argv[2]))
@@ -719,6 +728,7 @@ if __name__ == "__main__":
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--loss_dtype", default="float32", help="loss: float32, or bfloat16 (autocast over fp32 weights)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="train: optimizer steps per trainer (4); mfu: per run (20)")
     parser.add_argument("--warmup", type=int, default=None, help="train, mfu: steps excluded from the rate (2; mfu 5)")
