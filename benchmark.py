@@ -9,9 +9,12 @@
     python benchmark.py objectives  # step time of DFT / ASFT / OTR / DRIFT / SoFT relative to sft.py on the same batch
     python benchmark.py merge    # merge.py's peak memory (anonymous, file-backed, RSS) in units of one input model
     python benchmark.py tokenize --procs 1 2  # load_sft_data's samples/s: datasets.map in N processes, its cache
+    python benchmark.py mfu --device cuda    # the GPU check: sft/asft/drift in bf16, DDP and FSDP2, tokens/s and MFU
+    python benchmark.py mfu --layers 2 --steps 3 --warmup 1 --batch_size 4 --max_length 64  # its CPU rehearsal
 
-Loss: every implementation runs in a fresh subprocess (fp32, `torch.set_num_threads` = --threads). Time is the
-median fwd+bwd of --reps calls after one warm-up (which holds any compile). Peak extra memory is the process's
+Loss: every implementation runs in a fresh subprocess (fp32, or bf16 autocast over fp32 weights with --loss_dtype
+bfloat16; `torch.set_num_threads` = --threads). Time is the median fwd+bwd of --reps calls after one warm-up (which
+holds any compile). Peak extra memory is the process's
 RSS high-water mark during one measured call (reset through /proc/self/clear_refs) minus the RSS before it, so
 it counts everything the call allocates, including the gradients dX and dW ("floor" = their bytes).
 Train: a model with Qwen2.5-0.5B's width and vocabulary (H 896, 14 heads, 2 KV heads, V 151,936, tied) but
@@ -56,8 +59,10 @@ def rss_mib(field):
                 return int(line.split()[1]) / 1024
 
 
-def loss_worker(impl, n, h, v, reps, threads):
-    """Runs inside the subprocess: prints one JSON line with the measurements of `impl`."""
+def loss_worker(impl, n, h, v, reps, threads, dtype="float32"):
+    """Runs inside the subprocess: prints one JSON line with the measurements of `impl` (fp32 weights; bfloat16 =
+    under autocast, as the training scripts' mixed precision)."""
+    import contextlib
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
@@ -77,8 +82,13 @@ def loss_worker(impl, n, h, v, reps, threads):
     elif impl.startswith("ours"):  # ours, ours_eager, ours:<chunk rows>
         chunk = int(impl.split(":")[1]) if ":" in impl else None
         fn = lambda: common.fused_linear_cross_entropy(x, w, y, chunk_size=chunk, compile=impl != "ours_eager")[0] / n
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext():
+            loss = fn()
+        loss.backward()
     t0 = time.perf_counter()
-    fn().backward()
+    step()
     compile_s = time.perf_counter() - t0
     times = []
     for rep in range(reps):
@@ -88,7 +98,7 @@ def loss_worker(impl, n, h, v, reps, threads):
                 f.write("5")
             before = rss_mib("VmRSS")
         t0 = time.perf_counter()
-        fn().backward()
+        step()
         times.append(time.perf_counter() - t0)
         if rep == 0:
             peak = rss_mib("VmHWM") - before
@@ -102,7 +112,8 @@ def bench_loss(args):
         n, h, v = map(int, shape.split("x"))
         rows = {}
         for impl in args.impls:
-            cmd = [sys.executable, __file__, "_loss_worker", impl, str(n), str(h), str(v), str(args.reps), str(args.threads)]
+            cmd = [sys.executable, __file__, "_loss_worker", impl, str(n), str(h), str(v), str(args.reps), str(args.threads),
+                   args.loss_dtype]
             # glibc: return freed memory to the OS, so the RSS high-water mark sees every allocation
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -112,7 +123,7 @@ def bench_loss(args):
             rows[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"  measured {impl} at {shape}: {rows[impl]}", flush=True)
         base = rows.get("naive")
-        print(f"\n(N, H, V) = ({n}, {h}, {v}) fp32, fwd+bwd, {args.threads} threads, median of {args.reps}; "
+        print(f"\n(N, H, V) = ({n}, {h}, {v}) {args.loss_dtype}, fwd+bwd, {args.threads} threads, median of {args.reps}; "
               f"floor (dX + dW) = {next(iter(rows.values()))['floor_mib']:.0f} MiB")
         print("| implementation | time (s) | time / naive | peak extra (MiB) | memory / naive | first call (s) |")
         print("|---|---|---|---|---|---|")
@@ -347,6 +358,109 @@ def bench_train(args):
                 cell = {t: results.get((t, dtype, gc, r)) for t in ("sft", *peers)}
                 print(f"| {(lora_label if r else label)[dtype]} | {gc} | " + (f"{f'r {r}' if r else 'off'} | " if lora_column else "")
                       + " | ".join(f(cell) for f in columns.values()) + " |")
+
+
+# Dense bf16 peak of the accelerator (vendor data sheets, without sparsity), matched on torch.cuda.get_device_name()
+PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("A100", 312.0),
+                    ("L40S", 362.0), ("A10G", 70.0)]
+MFU_SCRIPTS = ("sft", "asft", "drift")
+
+
+def train_flops(config, tokens: float, loss_tokens: float, samples: float, reference: bool = False) -> float:
+    """Matmul FLOPs of one training step, PaLM's convention (Chowdhery et al. 2022, appendix B; nanoGPT's
+    estimate_mfu): 6 per weight per token (forward 2, backward 4) plus attention's 12 L d T per token (QK^T and AV;
+    d = heads x head_dim, = H in Qwen2.5; T = the mean sample length; causal masking not discounted). The LM head
+    (V x H) counts for the loss tokens only, since the fused loss projects no other position; the embedding lookup,
+    norms and biases count nothing. reference=True adds a frozen model's forward (ASFT's KL anchor): a third more."""
+    h, layers, vocab, heads = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.num_attention_heads
+    attention = heads * (getattr(config, "head_dim", None) or h // heads)
+    seq = tokens / max(samples, 1)
+    flops = 6 * layer_params(config) * layers * tokens + 6 * vocab * h * loss_tokens + 12 * layers * attention * seq * tokens
+    return flops * (4 / 3 if reference else 1)
+
+
+def layer_params(config) -> int:
+    """Matmul weights of one Llama/Qwen2-style decoder layer: q, k, v, o, gate, up, down (biases and norms do no
+    matmul and are left out)."""
+    h, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, config.num_key_value_heads * head_dim
+    return 2 * h * q + 2 * h * kv + 3 * h * inter
+
+
+def bench_mfu(args):
+    """The GPU check of sft.py, asft.py and drift.py: bf16 mixed precision under torchrun, DDP and FSDP2, on a model
+    of real shape (Qwen2.5-0.5B's config with --layers layers, random init; drift.py's reasoning model is the same
+    plus 0.01 N(0, 1) noise), samples of exactly --max_length tokens; tokens/s over the steps after --warmup from
+    each run's metrics.jsonl, and MFU = achieved matmul FLOPs/s (train_flops) / (processes x the device's dense bf16
+    peak, PEAK_BF16_TFLOPS or --peak_tflops). On CPU (gloo) it rehearses the same commands."""
+    import torch
+    from transformers import AutoConfig
+    sys.path.insert(0, ROOT)
+    import common
+    cuda = args.device == "cuda"
+    nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
+    peak = args.peak_tflops
+    if not peak and cuda:
+        name = torch.cuda.get_device_name(0)
+        peak = next((t for key, t in PEAK_BF16_TFLOPS if key in name), 0.0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data = build_train_setup(tmp, args)
+        config = AutoConfig.from_pretrained(model)
+        reasoning = os.path.join(tmp, "reasoning")
+        weights, tokenizer = common.load_model(model)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in weights.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        weights.save_pretrained(reasoning)
+        tokenizer.save_pretrained(reasoning)
+        del weights
+        for script in args.scripts:
+            for mode in args.parallel:
+                out = os.path.join(tmp, f"{script}_{mode}")
+                cmd = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), f"{script}.py", "--model", model,
+                       "--dataset", data, "--eval_datasets", "", "--dtype", "bfloat16", "--device", args.device,
+                       "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
+                       "--lr", str(args.lr), "--save_every", "0", "--output_dir", out, "--seed", "0"]
+                cmd += ["--fsdp"] if mode == "fsdp2" else []
+                micro = max(1, min(args.micro_batch_size, args.batch_size // nproc))
+                cmd += ["--reasoning_model", reasoning] if script == "drift" else ["--micro_batch_size", str(micro)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:  # a refusal is one `error:` line (e.g. drift.py under FSDP2); else the tail
+                    refusal = next((line for line in proc.stderr.splitlines() if line.startswith("error: ")), None)
+                    print(f"  {script} {mode}: {refusal or 'failed'} ({wall:.0f} s)" +
+                          ("" if refusal else f":\n{proc.stderr.strip()[-3000:]}"), flush=True)
+                    rows.append((script, mode, refusal or "failed"))
+                    continue
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    records = [json.loads(line) for line in f]
+                steps = [r for r in records if "step" in r and "loss" in r][args.warmup:]
+                end = next(r for r in records if r.get("event") == "eval_after")
+                seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
+                tokens, loss_tokens = sum(r["tokens"] for r in steps), sum(r["loss_tokens"] for r in steps)
+                flops = train_flops(config, tokens, loss_tokens, args.batch_size * len(steps), reference=script == "asft")
+                row = {"tokens_per_s": tokens / seconds, "tflops_per_s": flops / seconds / 1e12, "wall_s": wall,
+                       "peak_memory_gib": end.get("peak_memory_gib"), "final_loss": steps[-1]["loss"]}
+                row["mfu"] = row["tflops_per_s"] / (nproc * peak) if peak else None
+                print(f"  {script} {mode}: {row}", flush=True)
+                rows.append((script, mode, row))
+    where = f"{nproc} x {torch.cuda.get_device_name(0)}" if cuda else f"{nproc} CPU processes (gloo), a rehearsal"
+    print(f"\nbf16 mixed precision, {args.layers}-layer Qwen2.5-0.5B shape ({layer_params(config) * args.layers / 1e6:.0f}M "
+          f"in the layers, V {config.vocab_size:,}); batch {args.batch_size} x {args.max_length} tokens; steps "
+          f"{args.warmup + 1}-{args.steps} timed; {where}; peak {peak or '-'} TFLOP/s per device (dense bf16)")
+    print("| script | parallelism | tokens/s | model TFLOP/s | MFU | peak memory (GiB) | wall (s) | last loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for script, mode, r in rows:
+        if isinstance(r, str):
+            print(f"| {script}.py | {mode} | {r} | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {script}.py | {mode} | {r['tokens_per_s']:.0f} | {r['tflops_per_s']:.1f} | {mfu} | "
+              f"{r['peak_memory_gib']:.1f} | {r['wall_s']:.0f} | {r['final_loss']:.3f} |")
 
 
 def bench_generate(args):
@@ -603,24 +717,25 @@ def bench_merge(args):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_loss_worker":
-        impl, n, h, v, reps, threads = sys.argv[2:8]
-        loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads))
+        impl, n, h, v, reps, threads, dtype = sys.argv[2:9]
+        loss_worker(impl, int(n), int(h), int(v), int(reps), int(threads), dtype)
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "_train_worker":
         train_worker(json.loads(sys.argv[2]))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "train", "generate", "objectives", "merge", "tokenize"])
+    parser.add_argument("what", choices=["loss", "train", "generate", "objectives", "merge", "tokenize", "mfu"])
     parser.add_argument("--shapes", nargs="+", default=["2048x256x32000", "4096x896x151936"], help="NxHxV")
     parser.add_argument("--impls", nargs="+", default=IMPLS, help=f"of {IMPLS}, or ours:<chunk rows>")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--loss_dtype", default="float32", help="loss: float32, or bfloat16 (autocast over fp32 weights)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4, help="train: optimizer steps per trainer")
-    parser.add_argument("--warmup", type=int, default=2, help="train: steps excluded from the rate")
+    parser.add_argument("--steps", type=int, default=None, help="train: optimizer steps per trainer (4); mfu: per run (20)")
+    parser.add_argument("--warmup", type=int, default=None, help="train, mfu: steps excluded from the rate (2; mfu 5)")
     parser.add_argument("--batch_size", type=int, default=None, help="samples per step (train: 8, objectives: 16)")
     parser.add_argument("--max_length", type=int, default=512, help="train: tokens per sample")
-    parser.add_argument("--layers", type=int, default=2, help="train: decoder layers of the Qwen2.5-0.5B-width model")
-    parser.add_argument("--lr", type=float, default=1e-4, help="train: peak learning rate of both trainers")
+    parser.add_argument("--layers", type=int, default=None, help="train (2), mfu (24): decoder layers of the Qwen2.5-0.5B-width model")
+    parser.add_argument("--lr", type=float, default=1e-4, help="train: peak learning rate of both trainers; mfu: of every run")
     parser.add_argument("--scale", choices=["qwen", "world"], default="qwen",
                         help="train: Qwen2.5-0.5B width and vocabulary, or the embedded world's model and math data")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="train: float32 and/or bfloat16")
@@ -632,12 +747,20 @@ if __name__ == "__main__":
     parser.add_argument("--gen_batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--loss_shape", default="512x896x151936", help="objectives: NxHxV of the loss-alone timing")
-    parser.add_argument("--device", default="cpu", help="objectives, train: cpu | cuda (train on cuda adds TRL + Liger)")
+    parser.add_argument("--device", default="cpu", help="objectives, train, mfu: cpu | cuda (train on cuda adds TRL + Liger)")
+    parser.add_argument("--nproc", type=int, default=0, help="mfu: torchrun processes (0 = every GPU; 2 on CPU)")
+    parser.add_argument("--scripts", nargs="+", default=list(MFU_SCRIPTS), help=f"mfu: of {MFU_SCRIPTS}")
+    parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp2"], help="mfu: ddp and/or fsdp2")
+    parser.add_argument("--micro_batch_size", type=int, default=8, help="mfu: samples per forward pass (drift.py: its per-example default)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="mfu: dense bf16 peak per device (0 = PEAK_BF16_TFLOPS by name)")
     parser.add_argument("--merge_models", type=int, default=4, help="merge: fine-tuned models merged (plus a base)")
     parser.add_argument("--rows", type=int, default=20000, help="tokenize: rows of the repeated math training set")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="tokenize: processes of datasets.map")
     a = parser.parse_args()
     if a.batch_size is None:
-        a.batch_size = 8 if a.what == "train" else 16
+        a.batch_size = {"train": 8, "mfu": 32}.get(a.what, 16)
+    a.steps = a.steps or (20 if a.what == "mfu" else 4)
+    a.warmup = a.warmup if a.warmup is not None else (5 if a.what == "mfu" else 2)
+    a.layers = a.layers or (24 if a.what == "mfu" else 2)
     {"loss": bench_loss, "train": bench_train, "generate": bench_generate, "objectives": bench_objectives, "merge": bench_merge,
-     "tokenize": bench_tokenize}[a.what](a)
+     "tokenize": bench_tokenize, "mfu": bench_mfu}[a.what](a)

@@ -1052,6 +1052,7 @@ def _gradients_in_forward(h, weight, labels, weights, objective, logit_map, chun
     accumulate = torch.promote_types(weight.dtype, torch.float32)  # fp32 (or fp64) dW whatever the weight dtype
     dw = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_dw else None
     buffer = torch.empty(min(chunk_size, n), vocab, dtype=h.dtype, device=h.device)
+    block = dw_block_rows(h.shape[1], h.dtype)
     outs = []
     if n == 0:  # all tokens ignored: one empty eager step gives correctly shaped (empty) outputs
         fn = _chunk_fn(objective, False)
@@ -1070,8 +1071,9 @@ def _gradients_in_forward(h, weight, labels, weights, objective, logit_map, chun
         if need_dw:
             if dw.dtype == h.dtype:
                 dw.addmm_(logits.t(), h[s:e])
-            else:
-                dw += torch.mm(logits.t(), h[s:e])
+            else:  # bf16 product, fp32 sum, a vocabulary block at a time: no whole [V x H] bf16 temporary
+                for v in range(0, vocab, block):
+                    dw[v:v + block] += torch.mm(logits[:, v:v + block].t(), h[s:e])
     return [torch.cat(parts) for parts in zip(*outs)], dh, dw
 
 
@@ -1117,10 +1119,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype, budget_mib: int = 150) -> int:
-    """Rows per chunk so one [rows x vocab] logits buffer fits the budget (a multiple of 16, >= 16).
-    150 MiB gives 256 rows at V=151,936 fp32: ~0.1x the naive loss's peak memory (benchmark.py loss)."""
-    rows = budget_mib * 2**20 // (vocab * torch.finfo(dtype).bits // 8)
+    """Rows per chunk so one [rows x vocab] logits buffer fits the budget (a multiple of 16, >= 16), counted in
+    the softmax's dtype (fp32 at least: a bf16 chunk's math runs on fp32 copies, so bf16 gets the same rows).
+    150 MiB gives 256 rows at V=151,936: ~0.1x the naive loss's peak memory (benchmark.py loss)."""
+    rows = budget_mib * 2**20 // (vocab * torch.finfo(torch.promote_types(dtype, torch.float32)).bits // 8)
     return max(16, rows // 16 * 16)
+
+
+def dw_block_rows(width: int, dtype: torch.dtype, budget_mib: int = 32) -> int:
+    """Vocabulary rows of dW formed at once when the chunk's dtype is lower than dW's fp32 (bf16 mixed precision):
+    the bf16 [rows x H] product then goes into fp32 dW, and a whole [V x H] product would be a second copy of the
+    head (272 MiB at Qwen2.5-0.5B's size)."""
+    return max(16, budget_mib * 2**20 // (width * torch.finfo(dtype).bits // 8))
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, weights=None, *, objective=cross_entropy_objective,

@@ -61,6 +61,24 @@ def test_fused_loss_under_autocast_computes_in_bf16_and_returns_fp32_gradients()
     assert ours.item() != pytest.approx(theirs.item(), rel=1e-7)     # so it did run in bf16
 
 
+@pytest.mark.parametrize("block", [7, 10**6])
+def test_bf16_weight_gradient_by_vocabulary_blocks(monkeypatch, block):
+    """Under bf16 the head's gradient goes into fp32 dW a block of vocabulary rows at a time (7 rows: 43 blocks of
+    300, the last one short; 10**6: one block); either way it is the gradient of the bf16-rounded inputs."""
+    monkeypatch.setattr(common, "dw_block_rows", lambda width, dtype: block)
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 64, 32, requires_grad=True)
+    weight = (0.3 * torch.randn(300, 32)).requires_grad_()
+    targets = torch.randint(0, 300, (1, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        common.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=16, compile=False)[0].backward()
+    h64 = hidden.detach().bfloat16().double().requires_grad_()
+    w64 = weight.detach().bfloat16().double().requires_grad_()
+    direct_loss(h64, w64, targets, 1.0, 0.0).backward()
+    scale = w64.grad.abs().max().item()
+    assert (weight.grad.double() - w64.grad).abs().max().item() < 2e-2 * scale  # bf16 products of the chunks, every row
+
+
 def moe_batch(tmp_path):
     model, tokenizer = common.load_model(archs.make("qwen2_moe", tmp_path / "moe"))
     train, _ = common.load_sft_data(os.path.join(WORLD, "data", "math", "train.jsonl"), tokenizer, 512, limit=3)
