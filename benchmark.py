@@ -10,7 +10,7 @@
     python benchmark.py merge    # merge.py's peak memory (anonymous, file-backed, RSS) in units of one input model
     python benchmark.py tokenize --procs 1 2  # load_sft_data's samples/s: datasets.map in N processes, its cache
     python benchmark.py mfu --device cuda    # the GPU check: sft/asft/drift in bf16, DDP and FSDP2, tokens/s and MFU
-    python benchmark.py mfu --layers 2 --steps 3 --warmup 1 --batch_size 4 --max_length 64  # its CPU rehearsal
+    python benchmark.py mfu --layers 1 --steps 3 --warmup 1 --batch_size 4 --max_length 64  # its CPU rehearsal
 
 Loss: every implementation runs in a fresh subprocess (fp32, or bf16 autocast over fp32 weights with --loss_dtype
 bfloat16; `torch.set_num_threads` = --threads). Time is the median fwd+bwd of --reps calls after one warm-up (which
