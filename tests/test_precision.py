@@ -79,6 +79,102 @@ def test_bf16_weight_gradient_by_vocabulary_blocks(monkeypatch, block):
     assert (weight.grad.double() - w64.grad).abs().max().item() < 2e-2 * scale  # bf16 products of the chunks, every row
 
 
+@pytest.fixture
+def emulation():
+    """EmulatedBf16Matmuls on for one test, then off again (a script turns it on for its whole process)."""
+    mode = common.EmulatedBf16Matmuls().__enter__()
+    yield mode
+    mode.__exit__(None, None, None)
+
+
+def matmul_cases():
+    torch.manual_seed(2)
+    a, b, c = (torch.randn(*shape).bfloat16() for shape in ((33, 70), (70, 20), (33, 20)))
+    a3, b3, c3 = (torch.randn(*shape).bfloat16() for shape in ((3, 33, 70), (3, 70, 20), (3, 33, 20)))
+    return {"mm": (lambda: torch.mm(a, b), lambda: a.double() @ b.double()),
+            "mm.out": (lambda: torch.mm(a, b, out=torch.empty(33, 20, dtype=torch.bfloat16)), lambda: a.double() @ b.double()),
+            "linear": (lambda: torch.nn.functional.linear(a, b.t(), c[0]), lambda: a.double() @ b.double() + c[0].double()),
+            "addmm": (lambda: torch.addmm(c, a, b, beta=0.5, alpha=2.0), lambda: 0.5 * c.double() + 2 * a.double() @ b.double()),
+            "bmm": (lambda: torch.bmm(a3, b3), lambda: a3.double() @ b3.double()),
+            "baddbmm": (lambda: torch.baddbmm(c3, a3, b3), lambda: c3.double() + a3.double() @ b3.double())}
+
+
+@pytest.mark.parametrize("case", ["mm", "mm.out", "linear", "addmm", "bmm", "baddbmm"])
+def test_emulated_bf16_matmuls_give_what_bf16_hardware_gives(emulation, case):
+    """bf16 in, bf16 out, the exact product of the bf16 operands rounded once (fp32 sums: within one bf16 step),
+    as PyTorch's own bf16 kernel gives it; fp32 and mixed-dtype calls are untouched."""
+    ours, exact = matmul_cases()[case]
+    got = ours()
+    assert got.dtype == torch.bfloat16
+    step = exact().abs() * 2.0 ** -7 + 1e-30  # one bf16 ulp at most (8 significant bits)
+    assert ((got.double() - exact()).abs() <= step).all()
+    emulation.__exit__(None, None, None)
+    try:
+        native = ours()
+    finally:
+        emulation.__enter__()
+    assert ((got.double() - native.double()).abs() <= step).all()
+    x = torch.randn(5, 6)
+    emulation.__exit__(None, None, None)
+    try:
+        fp32 = x @ x.t()
+    finally:
+        emulation.__enter__()
+    assert (x @ x.t()).dtype == torch.float32 and torch.equal(x @ x.t(), fp32)
+    with pytest.raises(RuntimeError):
+        torch.mm(torch.randn(2, 3).bfloat16(), torch.randn(3, 2))  # mixed: PyTorch's own error, not a silent cast
+
+
+def test_emulated_bf16_training_step_matches_the_native_one(emulation, tmp_path):
+    """A tiny Llama's bf16 autocast forward and backward: emulated matmuls in both (the mode sees the backward's),
+    loss and gradients equal to PyTorch's bf16 kernels' within bf16 rounding."""
+    model, _ = common.load_model(archs.make("llama", tmp_path / "llama"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    seen = []
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+            loss = common.fused_linear_cross_entropy(hidden, model.lm_head.weight, ids[:, 1:], compile=False)[0]
+        seen.clear()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    original = common.EmulatedBf16Matmuls.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(func.overloadpacket in self.MATMULS and args[-1].dtype == torch.bfloat16)
+        return original(self, func, types, args, kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common.EmulatedBf16Matmuls, "__torch_dispatch__", counting)
+        loss, grads = step()
+    assert sum(seen) >= 2 * model.config.num_hidden_layers  # the backward's bf16 matmuls were emulated
+    emulation.__exit__(None, None, None)
+    try:
+        native_loss, native_grads = step()
+    finally:
+        emulation.__enter__()
+    assert loss == pytest.approx(native_loss, rel=1e-2)
+    for g, n in zip(grads, native_grads):
+        assert g.dtype == torch.float32 and (g - n).norm() <= 0.03 * n.norm() + 1e-8
+
+
+@pytest.mark.parametrize("device,dtype,native,on", [("cpu", "bfloat16", False, True), ("cpu", "bfloat16", True, False),
+                                                    ("cpu", "float32", False, False)])
+def test_setup_emulates_bf16_matmuls_only_on_a_cpu_without_them(monkeypatch, device, dtype, native, on):
+    monkeypatch.setattr(common, "cpu_has_bf16_matmuls", lambda: native)
+    monkeypatch.setattr(common, "EMULATION", [])
+    common.setup_distributed(device, dtype)
+    try:
+        assert bool(common.EMULATION) == on
+        assert isinstance(common.EMULATION[0], common.EmulatedBf16Matmuls) if on else True
+    finally:
+        for mode in common.EMULATION:
+            mode.__exit__(None, None, None)
+
+
 def moe_batch(tmp_path):
     model, tokenizer = common.load_model(archs.make("qwen2_moe", tmp_path / "moe"))
     train, _ = common.load_sft_data(os.path.join(WORLD, "data", "math", "train.jsonl"), tokenizer, 512, limit=3)
