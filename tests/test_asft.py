@@ -222,7 +222,7 @@ def test_reference_with_another_vocabulary_is_refused(tmp_path):
     (["--mode", "kl"], "--mode must be one of sft, dft, sft+kl, asft"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, flags, message):
-    proc = run_script("asft.py", tmp_path, *QUICK, *flags, check=False)
+    proc = run_script("asft.py", tmp_path, *QUICK, *flags, check=False, in_process=True)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -340,7 +340,7 @@ def test_per_example_editing_cannot_be_silently_replaced(kw, message):
     (["--targets", "nothing_here"], "matched no parameter"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, reasoning, flags, message):
-    proc = run_script("drift.py", tmp_path, *QUICK, "--model", BASE, "--reasoning_model", reasoning, *flags, check=False)
+    proc = run_script("drift.py", tmp_path, *QUICK, "--model", BASE, "--reasoning_model", reasoning, *flags, check=False, in_process=True)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -370,7 +370,7 @@ def test_per_example_edits_by_default_two_processes_equal_one_and_the_merge_base
     assert steps[0]["method/bias_norm"] > 1.2 * whole[0]["method/bias_norm"]  # same weights and batch at step 1
     # the samples per edit set the bias, so a resume cannot change them (other scripts may change --micro_batch_size)
     proc = run_script("drift.py", tmp_path / "whole", *common_flags, "--edit_per", "micro_batch", "--save_every", "1",
-                      "--resume", "auto", "--micro_batch_size", "2", check=False)
+                      "--resume", "auto", "--micro_batch_size", "2", check=False, in_process=True)
     assert proc.returncode != 0 and "other settings: --micro_batch_size 4 (now 2)" in proc.stderr, proc.stderr[-2000:]
     end = next(r for r in records(tmp_path / "accum") if r.get("event") == "eval_after")
     assert end["method/param_cos"] > 0.1 and end["method/distance_to_reasoning"] < 1

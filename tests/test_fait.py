@@ -247,10 +247,10 @@ def test_find_variants_checks_the_reference_and_runs_candidates_in_the_sandbox(m
     assert timing["generated"] == 4 and timing["judged"] == 3  # two references, one candidate
 
 
-def run(out, *extra, check=True, script="fait.py"):
+def run(out, *extra, check=True, script="fait.py", in_process=False):
     cache = ["--cache_dir", str(out)] if script == "fait.py" and "--cache_dir" not in extra else []
     quick = QUICK[2:] if "--epochs" in extra else QUICK  # --epochs replaces --steps
-    return run_script(script, out, *quick, *extra, *cache, check=check)
+    return run_script(script, out, *quick, *extra, *cache, check=check, in_process=in_process)
 
 
 def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(tmp_path):
@@ -273,14 +273,14 @@ def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, world):
-    proc = run(tmp_path / "a", "--dataset", os.path.join(common.WORLD_DIR, "data", "math", "validation.jsonl"), check=False)
+    proc = run(tmp_path / "a", "--dataset", os.path.join(common.WORLD_DIR, "data", "math", "validation.jsonl"), check=False, in_process=True)
     assert proc.returncode != 0 and "sample 1 has no tests (task 'math')" in proc.stderr
     model, tokenizer = world
     other = tmp_path / "teacher"
     model.save_pretrained(other)
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save_pretrained(other)
-    proc = run(tmp_path / "b", "--dataset", CODE, "--teacher", str(other), check=False)
+    proc = run(tmp_path / "b", "--dataset", CODE, "--teacher", str(other), check=False, in_process=True)
     assert proc.returncode != 0 and "its tokenizer differs" in proc.stderr
-    proc = run(tmp_path / "c", "--dataset", CODE, "--epochs", "1", "--steps", "5", check=False)  # one line, no traceback
+    proc = run(tmp_path / "c", "--dataset", CODE, "--epochs", "1", "--steps", "5", check=False, in_process=True)  # one line, no traceback
     assert proc.returncode != 0 and "both set the training length" in proc.stderr and "Traceback" not in proc.stderr

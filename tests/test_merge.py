@@ -294,7 +294,7 @@ def test_mismatched_inputs_are_refused_by_tensor_name_and_nothing_is_written(tmp
     wrong = make_model(tmp_path / "wrong_shape", {**t, "model.layers.1.mlp.up_proj.weight": torch.zeros(3, 3)})
     missing = make_model(tmp_path / "missing", {k: v for k, v in t.items() if k != "model.norm.weight"})
     for bad, message in [(wrong, "model.layers.1.mlp.up_proj.weight: shape"), (missing, "tensor model.norm.weight is in")]:
-        proc = run_script("merge.py", tmp_path / "out", "--models", f"{a},{bad}", check=False)
+        proc = run_script("merge.py", tmp_path / "out", "--models", f"{a},{bad}", check=False, in_process=True)
         assert proc.returncode != 0 and message in proc.stderr and not os.path.exists(tmp_path / "out" / "final")
     other_vocab = make_model(tmp_path / "tok")
     with open(os.path.join(other_vocab, "tokenizer.json")) as f:

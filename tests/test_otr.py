@@ -259,7 +259,7 @@ def test_seq_norm_is_the_per_sequence_mean_for_any_split(monkeypatch):
     (["--beta", "1.5"], "--beta < 1 (got 1.5)"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, flags, message):
-    proc = run_script("otr.py", tmp_path, *QUICK, *flags, check=False)
+    proc = run_script("otr.py", tmp_path, *QUICK, *flags, check=False, in_process=True)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -235,11 +235,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_float16_and_unknown_dtypes_are_refused_before_anything_is_written(tmp_path):
-    proc = run_script("sft.py", tmp_path / "save", "--save_dtype", "bf16", "--steps", "1", check=False)
+    proc = run_script("sft.py", tmp_path / "save", "--save_dtype", "bf16", "--steps", "1", check=False, in_process=True)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --save_dtype must be empty or one of")
     assert not os.path.exists(tmp_path / "save")
     for dtype in ("float16", "int8"):
-        proc = run_script("sft.py", tmp_path / dtype, "--dtype", dtype, "--steps", "1", check=False)
+        proc = run_script("sft.py", tmp_path / dtype, "--dtype", dtype, "--steps", "1", check=False, in_process=True)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode != 0 and last.startswith("error: --dtype must be float32 or bfloat16"), proc.stderr
         assert ("gradient scaler" in last) == (dtype == "float16") and not os.path.exists(tmp_path / dtype)
@@ -334,7 +334,10 @@ def test_bf16_mixed_precision_trains_like_float32(tmp_path, script):
     held-out loss and changes > 99% of the weights (pure bf16 weights: 5% of the drop, 3.5% changed)."""
     flags = script_flags(script, tmp_path)
     drops = {}
-    run_side_by_side(script, {dtype: [*RECIPE, *flags, "--dtype", dtype] for dtype in ("float32", "bfloat16")}, tmp_path)
+    runs = {dtype: [*RECIPE, *flags, "--dtype", dtype] for dtype in ("float32", "bfloat16")}
+    if script == "roste.py":  # its saved model has the norms and R1 folded in: compare with the untrained surgery
+        runs["surgery"] = [*RECIPE, *flags, "--steps", "0", "--eval_before", "false"]
+    run_side_by_side(script, runs, tmp_path)
     for dtype in ("float32", "bfloat16"):
         rec = records(tmp_path / dtype)
         name = flags[1].split("=")[0]
@@ -342,8 +345,7 @@ def test_bf16_mixed_precision_trains_like_float32(tmp_path, script):
         after = next(r for r in rec if r.get("event") == "eval_after")[f"eval/{name}/loss"]
         drops[dtype] = before - after
     start = os.path.join(WORLD, "base")
-    if script == "roste.py":  # its saved model has the norms and R1 folded in: compare with the untrained surgery
-        run_script(script, tmp_path / "surgery", *RECIPE, *flags, "--steps", "0", "--eval_before", "false")
+    if script == "roste.py":
         start = tmp_path / "surgery" / "final"
     changed = weights_changed(tmp_path / "bfloat16" / "final", start)
     reference = weights_changed(tmp_path / "float32" / "final", start)

@@ -121,8 +121,8 @@ def test_rebuild_uses_the_frozen_model_and_the_task_judge(world):
     assert {r["source"] for r in rows} >= {"own", "gold"}  # the base solves some training problems, not all
 
 
-def run(script, out, *extra, check=True):
-    return run_script(script, out, *QUICK, *extra, check=check)
+def run(script, out, *extra, check=True, in_process=False):
+    return run_script(script, out, *QUICK, *extra, check=check, in_process=in_process)
 
 
 def test_all_gold_rebuild_trains_exactly_like_sft_and_is_cached(tmp_path):
@@ -150,5 +150,5 @@ def test_a_task_without_judge_is_a_clear_error(tmp_path):
     data = tmp_path / "poems.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"poem {i}", "response": "roses", "task": "poetry"}) + "\n"
                             for i in range(8)))
-    proc = run("s3ft.py", tmp_path / "out", "--dataset", str(data), "--cache_dir", str(tmp_path), check=False)
+    proc = run("s3ft.py", tmp_path / "out", "--dataset", str(data), "--cache_dir", str(tmp_path), check=False, in_process=True)
     assert proc.returncode != 0 and "sample 1: task 'poetry' has no judge" in proc.stderr + proc.stdout

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scripts import ROOT, losses, records, run_script
+from scripts import ROOT, free_port, losses, records, run_script
 
 QUICK = ["--steps", "6", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--lr", "1e-3"]
 # sft.py's first 6 losses on the embedded world with QUICK (recorded with torch 2.13 CPU; a change in the
@@ -19,8 +19,8 @@ QUICK = ["--steps", "6", "--batch_size", "8", "--eval_datasets", "", "--save_eve
 GOLDEN = [0.318173, 0.214918, 0.190686, 0.110975, 0.043838, 0.065957]
 
 
-def run(out, *extra, nproc=1, check=True):
-    return run_script("sft.py", out, *QUICK, *extra, nproc=nproc, check=check)
+def run(out, *extra, nproc=1, check=True, in_process=False):
+    return run_script("sft.py", out, *QUICK, *extra, nproc=nproc, check=check, in_process=in_process)
 
 
 def weights(path):
@@ -95,7 +95,7 @@ def step_gradients(out, micro, nproc=1, *extra):
     cmd = [sys.executable, "tests/grad_step.py", str(out), str(micro), *extra]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29600 + os.getpid() % 1000), *cmd[1:]]
+               str(free_port()), *cmd[1:]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(out)
@@ -173,7 +173,7 @@ def _loss(common, model, batch):
     (["--resume", "runs"], "not a training checkpoint"),
 ])
 def test_bad_flags_fail_clearly_without_output(tmp_path, flags, message):
-    proc = run(tmp_path / "out", *flags, check=False)
+    proc = run(tmp_path / "out", *flags, check=False, in_process=True)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "final").exists()
 
@@ -219,7 +219,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_runs_nothing(checkpointed, tmp_
     torch.save(state, checkpoint / victim)
     set_recorded_size(checkpoint, victim)  # a crafted checkpoint would carry a matching marker
     proc = run(tmp_path / "resumed", "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0", "--resume",
-               str(checkpoint), check=False)
+               str(checkpoint), check=False, in_process=True)
     assert proc.returncode != 0 and not marker.exists() and not (tmp_path / "resumed").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {checkpoint / victim}: cannot be loaded"), proc.stderr
 
@@ -228,7 +228,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_finite_checkpoints(tmp_pa
     """--lr 1e6: the gradient norm is NaN at step 2. The run stops before that optimizer step with one line naming
     the step; checkpoint-1 (finite) survives the keep-2 pruning, and no NaN checkpoint or final/ is written."""
     out = tmp_path / "out"
-    proc = run(out, "--lr", "1e6", "--steps", "10", "--save_every", "1", "--keep_checkpoints", "2", check=False)
+    proc = run(out, "--lr", "1e6", "--steps", "10", "--save_every", "1", "--keep_checkpoints", "2", check=False, in_process=True)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: step ") and "not finite" in last, proc.stderr
     step = int(last.split()[2].rstrip(":"))
@@ -309,14 +309,14 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(checkpointed, tmp_path, case
     checkpoint = copy_checkpoint(checkpointed, tmp_path)
     damage(case, checkpoint)
     proc = run(tmp_path / "out", "--steps", "5", "--save_every", "2", "--keep_checkpoints", "0", "--resume", str(checkpoint),
-               check=False)
+               check=False, in_process=True)
     assert proc.returncode != 0 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_resume_checks_the_run_settings_and_auto_skips_incomplete_checkpoints(checkpointed, tmp_path):
     proc = run(tmp_path / "other", "--steps", "5", "--save_every", "2", "--lr", "5e-4", "--resume",
-               str(checkpointed / "checkpoint-2"), check=False)
+               str(checkpointed / "checkpoint-2"), check=False, in_process=True)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "other settings: --lr 0.001 (now 0.0005)" in last, proc.stderr
     out = tmp_path / "auto"
@@ -327,7 +327,7 @@ def test_resume_checks_the_run_settings_and_auto_skips_incomplete_checkpoints(ch
     assert_same_weights(checkpointed / "final", out / "final", atol=0)
     only_incomplete = tmp_path / "incomplete"
     damage("no completeness marker", copy_checkpoint(checkpointed, only_incomplete, 4))
-    proc = run(only_incomplete, "--steps", "5", "--save_every", "2", "--resume", "auto", check=False)
+    proc = run(only_incomplete, "--steps", "5", "--save_every", "2", "--resume", "auto", check=False, in_process=True)
     assert proc.returncode != 0 and "holds checkpoint folders but none is complete" in proc.stderr, proc.stderr
 
 
@@ -335,7 +335,7 @@ def test_a_fresh_run_into_another_runs_directory_is_refused_unless_overwrite(che
     import shutil
     out = tmp_path / "reused"
     shutil.copytree(checkpointed, out)
-    proc = run(out, "--steps", "3", check=False)
+    proc = run(out, "--steps", "3", check=False, in_process=True)
     assert proc.returncode != 0 and "holds another run (checkpoint-2, checkpoint-4, final, metrics.jsonl)" in proc.stderr
     run(out, "--steps", "3", "--save_every", "0", "--overwrite", "true")
     assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl"]
