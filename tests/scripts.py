@@ -37,6 +37,22 @@ def run_script(script, out, *args, nproc=1, check=True, in_process=False):
     return proc
 
 
+def run_side_by_side(*runs, check=True):
+    """Each run, (script, out, *args), as `python <script> --output_dir <out> <args>`, all at once with one thread
+    each: a 3M model gains little from a second thread, so two single-threaded runs take about half the time of two
+    in a row. Runs compared for equality here all get the same one thread. Returns their CompletedProcesses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [(run, subprocess.Popen([sys.executable, run[0], "--output_dir", str(run[1]), *run[2:]], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for run in runs]
+    done = []
+    for run, proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        if check:
+            assert proc.returncode == 0, f"{run[:2]}: {stdout[-3000:]}{stderr[-3000:]}"
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
 def run_in_process(argv):
     """`python <argv>` as __main__ in this process (runpy), for runs that stop with an `error:` line: the line is the
     SystemExit's code, returned as stderr with returncode 1, what Python prints and returns for it. Any other

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import asft
 import common
 from common import IGNORE_INDEX
-from scripts import losses, records, run_script
+from scripts import losses, records, run_script, run_side_by_side
 from test_train import GOLDEN
 
 QUICK = ["--steps", "6", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--lr", "1e-3"]
@@ -234,8 +234,7 @@ def test_mode_sft_trains_exactly_like_sft_py(tmp_path):
 def test_asft_starts_as_dft_and_matches_across_processes(tmp_path):
     """Step 1: KL = 0 and ASFT's loss equals DFT's; two processes (DDP, reference on each) and FSDP2 (sharded
     reference) log the same losses as one."""
-    run_script("asft.py", tmp_path / "dft", *QUICK, "--mode", "dft")
-    run_script("asft.py", tmp_path / "asft", *QUICK)
+    run_side_by_side(("asft.py", tmp_path / "dft", *QUICK, "--mode", "dft"), ("asft.py", tmp_path / "asft", *QUICK))
     run_script("asft.py", tmp_path / "fsdp", *QUICK, "--fsdp", nproc=2)
     first = [r for r in records(tmp_path / "asft") if "loss" in r]
     assert first[0]["method/kl"] == pytest.approx(0, abs=1e-6) and first[-1]["method/kl"] > 1e-3

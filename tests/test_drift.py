@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import archs
 import common
 import drift
-from scripts import losses, records, run_script
+from scripts import losses, records, run_script, run_side_by_side
 from test_train import QUICK
 
 BASE = os.path.join(common.WORLD_DIR, "base")
@@ -345,9 +345,9 @@ def test_bad_flags_fail_clearly(tmp_path, reasoning, flags, message):
 
 
 def test_alpha_zero_trains_exactly_like_sft_py(tmp_path, reasoning):
-    run_script("drift.py", tmp_path / "drift", *QUICK, "--model", BASE, "--reasoning_model", reasoning, "--alpha", "0",
-               "--edit_per", "micro_batch")  # sft.py's micro-batches (the default, one sample per pass, is slower)
-    run_script("sft.py", tmp_path / "sft", *QUICK)
+    run_side_by_side(("drift.py", tmp_path / "drift", *QUICK, "--model", BASE, "--reasoning_model", reasoning, "--alpha",
+                      "0", "--edit_per", "micro_batch"),  # sft.py's micro-batches (the default, one per pass, is slower)
+                     ("sft.py", tmp_path / "sft", *QUICK))
     assert losses(tmp_path / "drift") == losses(tmp_path / "sft")
     ours, theirs = (load_file(os.path.join(tmp_path, d, "final", "model.safetensors")) for d in ("drift", "sft"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -358,9 +358,9 @@ def test_per_example_edits_by_default_two_processes_equal_one_and_the_merge_base
     per tensor per step of 4 samples, whether 1 process runs them or 2 DDP processes split them (the same training);
     one edit of the whole batch (--edit_per micro_batch) trains differently, with a weaker bias at step 1."""
     common_flags = [*QUICK, "--steps", "3", "--batch_size", "4", "--model", BASE, "--reasoning_model", reasoning]
-    run_script("drift.py", tmp_path / "accum", *common_flags, "--merge_lambdas", "0.5")
+    run_side_by_side(("drift.py", tmp_path / "accum", *common_flags, "--merge_lambdas", "0.5"),
+                     ("drift.py", tmp_path / "whole", *common_flags, "--edit_per", "micro_batch", "--save_every", "1"))
     run_script("drift.py", tmp_path / "ddp", *common_flags, nproc=2)
-    run_script("drift.py", tmp_path / "whole", *common_flags, "--edit_per", "micro_batch", "--save_every", "1")
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "accum"), abs=1e-5)
     assert losses(tmp_path / "whole")[1:] != pytest.approx(losses(tmp_path / "accum")[1:], abs=1e-4)
     steps, whole, ddp = ([r for r in records(tmp_path / run) if "loss" in r] for run in ("accum", "whole", "ddp"))

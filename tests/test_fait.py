@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import common
 import fait
 import sft
-from scripts import losses, records, run_script
+from scripts import losses, records, run_script, run_side_by_side
 
 CODE = os.path.join(common.WORLD_DIR, "data", "code", "train.jsonl")
 QUICK = ["--steps", "3", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--compile", "false"]
@@ -257,9 +257,10 @@ def test_script_with_unit_weights_trains_like_sft_and_variants_fail_their_tests(
     data = tmp_path / "code16.jsonl"
     with open(CODE) as f:
         data.write_text("".join(next(f) for _ in range(16)))
-    proc = run(tmp_path / "fait", "--dataset", str(data), "--alpha", "0", "--beta", "0", "--num_samples", "2",
-               "--cache_dir", str(tmp_path / "cache"), "--epochs", "1")  # one epoch of 16 at batch 8: 2 steps
-    run(tmp_path / "sft", "--dataset", str(data), "--steps", "2", script="sft.py")
+    proc, _ = run_side_by_side(  # one epoch of 16 at batch 8: 2 steps
+        ("fait.py", tmp_path / "fait", *QUICK[2:], "--dataset", str(data), "--alpha", "0", "--beta", "0", "--num_samples",
+         "2", "--cache_dir", str(tmp_path / "cache"), "--epochs", "1"),
+        ("sft.py", tmp_path / "sft", *QUICK, "--dataset", str(data), "--steps", "2"))
     assert losses(tmp_path / "fait") == losses(tmp_path / "sft") and len(losses(tmp_path / "sft")) == 2
     assert "FAIT variants:" in proc.stdout and "--epochs 1: 2 steps of 8 samples" in proc.stdout
     assert {r["method/emphasis"] for r in records(tmp_path / "fait") if "loss" in r} == {1.0}  # constant by default

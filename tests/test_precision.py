@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import archs
 import common
-from scripts import ROOT, records, run_script
+from scripts import records, run_script, run_side_by_side
 
 WORLD = common.WORLD_DIR
 MATH_TEST = os.path.join(WORLD, "data", "math", "test.jsonl")
@@ -251,8 +251,7 @@ def test_saved_dtype_is_the_starting_models_unless_save_dtype(tmp_path):
     model.save_pretrained(start)  # a bf16 checkpoint, like the hub's
     flags = ["--model", start, "--steps", "2", "--batch_size", "4", "--eval_datasets", "", "--compile", "false",
              "--save_every", "1", "--keep_checkpoints", "0", "--dtype", "bfloat16"]
-    run_script("sft.py", tmp_path / "default", *flags)
-    run_script("sft.py", tmp_path / "fp32", *flags, "--save_dtype", "float32")
+    run_side_by_side(("sft.py", tmp_path / "default", *flags), ("sft.py", tmp_path / "fp32", *flags, "--save_dtype", "float32"))
     for run, dtype in (("default", torch.bfloat16), ("fp32", torch.float32)):
         final = os.path.join(tmp_path, run, "final")
         assert {t.dtype for t in load_file(os.path.join(final, "model.safetensors")).values()} == {dtype}
@@ -316,18 +315,6 @@ def weights_changed(a, b) -> float:
     return changed / sum(t.numel() for t in wa.values())
 
 
-def run_side_by_side(script, runs: dict, tmp_path):
-    """Run `python <script> --output_dir tmp_path/<name> <flags>` for each name at once, one thread each (a 3M model
-    gains little from a second thread, so two single-threaded runs take about half the time of two in a row)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, script, "--output_dir", str(tmp_path / name), *flags], cwd=ROOT,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, flags in runs.items()}
-    for name, proc in procs.items():
-        output, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"{name}: {output[-3000:]}"
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bf16_mixed_precision_trains_like_float32(tmp_path, script):
     """The recipes' setting (lr 1e-5) on world/base, 40 steps x 8: bf16 reaches >= 80% of float32's drop in
@@ -337,7 +324,7 @@ def test_bf16_mixed_precision_trains_like_float32(tmp_path, script):
     runs = {dtype: [*RECIPE, *flags, "--dtype", dtype] for dtype in ("float32", "bfloat16")}
     if script == "roste.py":  # its saved model has the norms and R1 folded in: compare with the untrained surgery
         runs["surgery"] = [*RECIPE, *flags, "--steps", "0", "--eval_before", "false"]
-    run_side_by_side(script, runs, tmp_path)
+    run_side_by_side(*[(script, tmp_path / name, *flags) for name, flags in runs.items()])
     for dtype in ("float32", "bfloat16"):
         rec = records(tmp_path / dtype)
         name = flags[1].split("=")[0]

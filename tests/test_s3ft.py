@@ -8,7 +8,7 @@ import pytest
 
 import common
 import s3ft
-from scripts import records, run_script
+from scripts import records, run_script, run_side_by_side
 
 MATH = os.path.join(common.WORLD_DIR, "data", "math", "train.jsonl")
 QUICK = ["--steps", "3", "--batch_size", "8", "--eval_datasets", "", "--save_every", "0", "--compile", "false"]
@@ -131,8 +131,8 @@ def test_all_gold_rebuild_trains_exactly_like_sft_and_is_cached(tmp_path):
         data.write_text("".join(next(f) for _ in range(16)))
     # a 1-token budget cuts every own answer and rewrite off: all rejected, every target is the gold
     cache = ["--cache_dir", str(tmp_path / "cache"), "--gen_max_new_tokens", "1"]
-    s3 = run("s3ft.py", tmp_path / "s3ft", "--dataset", str(data), *cache)
-    sft = run("sft.py", tmp_path / "sft", "--dataset", str(data))
+    s3, sft = run_side_by_side(("s3ft.py", tmp_path / "s3ft", *QUICK, "--dataset", str(data), *cache),
+                               ("sft.py", tmp_path / "sft", *QUICK, "--dataset", str(data)))
     s3_losses = [r["loss"] for r in records(tmp_path / "s3ft") if "loss" in r]
     assert s3_losses == [r["loss"] for r in records(tmp_path / "sft") if "loss" in r] and len(s3_losses) == 3
     config = records(tmp_path / "s3ft")[0]
