@@ -375,10 +375,11 @@ class EmulatedBf16Matmuls(TorchDispatchMode):
     MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func.overloadpacket not in self.MATMULS or not all(
-                a.dtype == torch.bfloat16 for a in args if torch.is_tensor(a)):  # mixed dtypes: the native error
+        kwargs = kwargs or {}
+        if func.overloadpacket not in self.MATMULS or not all(  # mixed dtypes (out= included): the native error
+                a.dtype == torch.bfloat16 for a in (*args, *kwargs.values()) if torch.is_tensor(a)):
             return func(*args, **kwargs)
+        kwargs = dict(kwargs)
         out = kwargs.pop("out", None)
         product = func.overloadpacket.default(*[a.float() if torch.is_tensor(a) else a for a in args], **kwargs)
         return product.to(torch.bfloat16) if out is None else out.copy_(product)

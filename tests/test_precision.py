@@ -126,6 +126,8 @@ def test_emulated_bf16_matmuls_give_what_bf16_hardware_gives(emulation, case):
     assert (x @ x.t()).dtype == torch.float32 and torch.equal(x @ x.t(), fp32)
     with pytest.raises(RuntimeError):
         torch.mm(torch.randn(2, 3).bfloat16(), torch.randn(3, 2))  # mixed: PyTorch's own error, not a silent cast
+    with pytest.raises(RuntimeError):
+        torch.mm(torch.randn(2, 3).bfloat16(), torch.randn(3, 2).bfloat16(), out=torch.empty(2, 2))  # fp32 out= too
 
 
 def test_emulated_bf16_training_step_matches_the_native_one(emulation, tmp_path):
